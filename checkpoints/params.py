@@ -1,0 +1,94 @@
+"""The one map between HF tensor names / layouts and our parameter tree.
+
+Every importer (HF safetensors, GGUF) names tensors in HF's text-model scheme
+(`embed_tokens.weight`, `layers.{i}.self_attn.q_proj.weight`, ...) with HF's
+layouts ([out, in] matrices); `build_model` checks them all against the config
+and fills an abstract model, so a mismatched file fails before any large
+allocation, with every problem named at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from gemma.config import GemmaConfig
+from gemma.transformer import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    path: tuple  # attribute path inside Transformer, e.g. ("layers", 0, "attn", "q_proj")
+    hf_shape: tuple[int, ...]
+    to_ours: Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x):
+    return x
+
+
+def hf_specs(config: GemmaConfig) -> dict[str, Spec]:
+    """HF key (without the model prefix) -> where and how it goes in our tree."""
+    c = config
+    d, n, k, h, f = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_dim
+    specs = {"embed_tokens.weight": Spec(("embedder", "embedding"), (c.vocab_size, d), _identity),
+             "norm.weight": Spec(("final_norm", "scale"), (d,), _identity)}
+    norms = {"input_layernorm": "pre_attention_norm", "post_attention_layernorm": "post_attention_norm",
+             "pre_feedforward_layernorm": "pre_ffw_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        for hf_name, ours in norms.items():
+            specs[p + hf_name + ".weight"] = Spec(("layers", i, ours, "scale"), (d,), _identity)
+        for hf_name in ("q_norm", "k_norm"):
+            specs[p + f"self_attn.{hf_name}.weight"] = Spec(("layers", i, "attn", hf_name, "scale"), (h,), _identity)
+        specs[p + "self_attn.q_proj.weight"] = Spec(
+            ("layers", i, "attn", "q_proj"), (n * h, d), lambda w: w.T.reshape(d, n, h))
+        for name in ("k_proj", "v_proj"):
+            specs[p + f"self_attn.{name}.weight"] = Spec(
+                ("layers", i, "attn", name), (k * h, d), lambda w: w.T.reshape(d, k, h))
+        specs[p + "self_attn.o_proj.weight"] = Spec(
+            ("layers", i, "attn", "o_proj"), (d, n * h), lambda w: w.T.reshape(n, h, d))
+        for name in ("gate_proj", "up_proj"):
+            specs[p + f"mlp.{name}.weight"] = Spec(("layers", i, "mlp", name), (f, d), lambda w: w.T)
+        specs[p + "mlp.down_proj.weight"] = Spec(("layers", i, "mlp", "down_proj"), (d, f), lambda w: w.T)
+    return specs
+
+
+def _variable(model: nnx.Module, path: tuple) -> nnx.Variable:
+    return functools.reduce(lambda obj, key: obj[key] if isinstance(key, int) else getattr(obj, key), path, model)
+
+
+def check_tensors(config: GemmaConfig, shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, Spec]:
+    """Raises one ValueError naming every missing, unexpected or mis-shaped tensor."""
+    specs = hf_specs(config)
+    missing = [key for key in specs if key not in shapes]
+    unexpected = [key for key in shapes if key not in specs]
+    misshaped = [f"{key}: expected {specs[key].hf_shape}, found {tuple(shapes[key])}"
+                 for key in specs if key in shapes and tuple(shapes[key]) != specs[key].hf_shape]
+    if missing or unexpected or misshaped:
+        lines = [f"checkpoint {source} does not match the config "
+                 f"({config.num_layers} layers, d_model {config.d_model}, vocab {config.vocab_size}):"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {len(items)} {title} tensor(s): " + "; ".join(shown))
+        raise ValueError("\n".join(lines))
+    return specs
+
+
+def build_model(config: GemmaConfig, dtype, shapes: dict[str, tuple[int, ...]],
+                read: Callable[[str], np.ndarray], source: str) -> Transformer:
+    """Checks `shapes` (HF key -> HF shape), then fills a model from `read(key)` (HF layout)."""
+    specs = check_tensors(config, shapes, source)
+    model = nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    for key in tqdm(list(specs), desc=f"loading {source}", unit="tensor", leave=False):
+        spec = specs[key]
+        _variable(model, spec.path).set_value(jnp.asarray(spec.to_ours(read(key)), dtype))
+    return model
+

@@ -1,0 +1,56 @@
+"""Gemma 3 self-attention: projections, QK-norm, RoPE, GQA through kernels.attention."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import kernels
+from gemma.config import GemmaConfig
+from gemma.layers import RMSNorm, _init, rope
+
+
+class Attention(nnx.Module):
+    """One attention block. `layer_type` picks window and RoPE base.
+
+    Parameters: q_proj [D, N, H], k_proj / v_proj [D, K, H], o_proj [N, H, D],
+    q_norm / k_norm [H].
+    """
+
+    def __init__(self, config: GemmaConfig, layer_type: str, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        c = config
+        self.layer_type = layer_type
+        self.num_kv_heads = c.num_kv_heads
+        self.scale = c.query_pre_attn_scalar ** -0.5
+        self.softcap = c.attn_logit_softcap
+        self.impl = c.attention_impl
+        if layer_type == "global":
+            self.rope_base, self.rope_scale = c.rope_global_base, c.rope_global_scale
+        else:
+            self.rope_base, self.rope_scale = c.rope_local_base, 1.0
+        self.q_proj = nnx.Param(_init(rngs, (c.d_model, c.num_heads, c.head_dim), dtype))
+        self.k_proj = nnx.Param(_init(rngs, (c.d_model, c.num_kv_heads, c.head_dim), dtype))
+        self.v_proj = nnx.Param(_init(rngs, (c.d_model, c.num_kv_heads, c.head_dim), dtype))
+        self.o_proj = nnx.Param(_init(rngs, (c.num_heads, c.head_dim, c.d_model), dtype))
+        self.q_norm = RMSNorm(c.head_dim, eps=c.rms_eps, dtype=dtype)
+        self.k_norm = RMSNorm(c.head_dim, eps=c.rms_eps, dtype=dtype)
+
+    def project_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """[B, T, D] -> keys (normed, rotated) and values, each [B, T, K, H]."""
+        k = self.k_norm(jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...]))
+        k = rope(k, positions, base=self.rope_base, scale=self.rope_scale)
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...])
+        return k, v
+
+    def project_q(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """[B, T, D] -> queries (normed, rotated) [B, T, N, H]."""
+        q = self.q_norm(jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...]))
+        return rope(q, positions, base=self.rope_base, scale=self.rope_scale)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, k_start: jax.Array, k_end: jax.Array) -> jax.Array:
+        """x [B, T, D]; positions int [B, T]; key interval [k_start, k_end] per query, int [B, T]."""
+        q = self.project_q(x, positions)
+        k, v = self.project_kv(x, positions)
+        out = kernels.attention(q, k, v, k_start, k_end, scale=self.scale, softcap=self.softcap, impl=self.impl)
+        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...])

@@ -1,0 +1,143 @@
+"""Gemma 3 decoder: embed, 5 local : 1 global blocks, final norm, tied head."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemma.attention import Attention
+from gemma.config import GemmaConfig
+from gemma.layers import Embedder, GeGLU, RMSNorm
+
+
+class Block(nnx.Module):
+    """x + post_attention_norm(attn(pre_attention_norm(x))), then the same around the MLP."""
+
+    def __init__(self, config: GemmaConfig, layer_type: str, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        c = config
+        self.layer_type = layer_type
+        self.sliding_window = c.sliding_window if layer_type == "local" else None
+        self.pre_attention_norm = RMSNorm(c.d_model, eps=c.rms_eps, dtype=dtype)
+        self.attn = Attention(c, layer_type, dtype=dtype, rngs=rngs)
+        self.post_attention_norm = RMSNorm(c.d_model, eps=c.rms_eps, dtype=dtype)
+        self.pre_ffw_norm = RMSNorm(c.d_model, eps=c.rms_eps, dtype=dtype)
+        self.mlp = GeGLU(c.d_model, c.hidden_dim, dtype=dtype, rngs=rngs)
+        self.post_ffw_norm = RMSNorm(c.d_model, eps=c.rms_eps, dtype=dtype)
+
+    def __call__(self, x, positions, k_start, k_end):
+        x = x + self.post_attention_norm(self.attn(self.pre_attention_norm(x), positions, k_start, k_end))
+        return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
+
+
+def causal_intervals(input_mask: jax.Array, window: int | None) -> tuple[jax.Array, jax.Array]:
+    """Key interval of each query for a left-padded batch.
+
+    input_mask: bool [B, T], True on real tokens (padding only on the left).
+    Query t sees keys j with first_real <= j <= t and, with a window W,
+    t - W < j. Padding queries get an empty interval.
+    """
+    t = jnp.arange(input_mask.shape[1], dtype=jnp.int32)[None, :]
+    first_real = jnp.argmax(input_mask, axis=1).astype(jnp.int32)[:, None]
+    k_start = jnp.broadcast_to(first_real, input_mask.shape)
+    if window is not None:
+        k_start = jnp.maximum(k_start, t - window + 1)
+    k_end = jnp.where(input_mask, t, -1)
+    return k_start, jnp.broadcast_to(k_end, input_mask.shape)
+
+
+class Transformer(nnx.Module):
+    """The Gemma 3 text decoder.
+
+    `model(tokens)` on int [B, T] returns float32 logits [B, T, V] of the plain
+    causal forward (windows applied, no cache).
+    """
+
+    def __init__(self, config: GemmaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.embedder = Embedder(config.vocab_size, config.d_model, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([Block(config, t, dtype=dtype, rngs=rngs) for t in config.layer_types])
+        self.final_norm = RMSNorm(config.d_model, eps=config.rms_eps, dtype=dtype)
+
+    def forward(self, tokens: jax.Array, positions: jax.Array, input_mask: jax.Array,
+                last_only: bool = False) -> jax.Array:
+        """Traceable forward: tokens, positions int [B, T], input_mask bool [B, T] -> f32 logits."""
+        x = self.embedder.encode(tokens).astype(self.dtype)
+        intervals = {w: causal_intervals(input_mask, w) for w in {b.sliding_window for b in self.layers}}
+        for block in self.layers:
+            x = block(x, positions, *intervals[block.sliding_window])
+        if last_only:
+            x = x[:, -1:]
+        logits = self.embedder.decode(self.final_norm(x))
+        if self.config.final_logit_softcap is not None:
+            cap = self.config.final_logit_softcap
+            logits = jnp.tanh(logits / cap) * cap
+        return logits
+
+    def __call__(self, tokens, *, positions=None, input_mask=None, last_only: bool = False) -> jax.Array:
+        """Logits of the plain causal forward.
+
+        Args:
+          tokens: int [B, T] token ids in [0, vocab_size).
+          positions: optional int [B, T]; default counts real tokens from 0
+            (so left padding does not shift positions).
+          input_mask: optional bool [B, T], True on real tokens; padding must be
+            on the left. Default: all True.
+          last_only: return logits of the last position only, [B, 1, V].
+
+        Returns:
+          float32 logits [B, T, V] (or [B, 1, V]).
+        """
+        tokens = _check_tokens(tokens, self.config.vocab_size)
+        if input_mask is None:
+            input_mask = jnp.ones(tokens.shape, bool)
+        input_mask = _check_like(input_mask, tokens, "input_mask").astype(bool)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0)
+        positions = _check_like(positions, tokens, "positions").astype(jnp.int32)
+        return _jit_forward(self, tokens, positions, input_mask, last_only)
+
+
+@functools.partial(nnx.jit, static_argnames=("last_only",))
+def _jit_forward(model: Transformer, tokens, positions, input_mask, last_only):
+    return model.forward(tokens, positions, input_mask, last_only)
+
+
+def _concrete(x) -> np.ndarray | None:
+    """The value of x as numpy, or None when x is abstract (inside a trace)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_tokens(tokens, vocab_size: int) -> jax.Array:
+    if isinstance(tokens, (list, tuple)):
+        tokens = np.asarray(tokens)
+    if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
+        raise TypeError(f"tokens must be an int array [B, T], got {type(tokens).__name__}")
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have rank 2 [batch, time], got shape {tuple(tokens.shape)}")
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"tokens is empty (shape {tuple(tokens.shape)}); need at least one token per row")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    value = _concrete(tokens)
+    if value is not None:
+        lo, hi = int(value.min()), int(value.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return jnp.asarray(tokens, jnp.int32)
+
+
+def _check_like(x, tokens: jax.Array, name: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.shape != tokens.shape:
+        raise ValueError(f"{name} must have the shape of tokens {tuple(tokens.shape)}, got {tuple(x.shape)}")
+    return x

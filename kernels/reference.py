@@ -1,0 +1,58 @@
+"""XLA reference attention over per-query key intervals.
+
+This is the oracle every kernel must match. Every mask Gemma 3 needs (causal,
+sliding window, per-image bidirectional blocks, padding, packed segments) is
+an inclusive key interval [k_start, k_end] per query row.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def interval_mask(k_start: jax.Array, k_end: jax.Array, num_keys: int) -> jax.Array:
+    """bool [B, T, S]: key s is visible to query t iff k_start[b, t] <= s <= k_end[b, t]."""
+    s = jnp.arange(num_keys, dtype=jnp.int32)
+    return (s >= k_start[..., None]) & (s <= k_end[..., None])
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_start: jax.Array,
+    k_end: jax.Array,
+    *,
+    scale: float,
+    softcap: float | None = None,
+) -> jax.Array:
+    """Grouped-query attention restricted to per-query key intervals.
+
+    Args:
+      q: [B, T, N, H] queries (N = K * G heads).
+      k, v: [B, S, K, H] keys and values.
+      k_start, k_end: int32 [B, T]; query (b, t) attends to keys s with
+        k_start <= s <= k_end. An empty interval (k_start > k_end) yields zeros.
+      scale: multiplier of q·k (Gemma 3: query_pre_attn_scalar ** -0.5).
+      softcap: optional tanh soft-capping of the scores.
+
+    Returns:
+      [B, T, N, H] in q's dtype. Scores and softmax are computed in float32.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    g = n // kv_heads
+    qg = q.reshape(b, t, kv_heads, g, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    visible = interval_mask(k_start, k_end, k.shape[1])[:, None, None]  # [B, 1, 1, T, S]
+    scores = jnp.where(visible, scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.exp(scores - row_max)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    probs = weights / jnp.where(denom == 0, 1.0, denom)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
