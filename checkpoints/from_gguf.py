@@ -47,6 +47,11 @@ def open_gguf(path: str) -> GGUFFile:
     return GGUFFile(path)
 
 
+def _f32_value(x: float) -> float:
+    """The decimal a float32 metadata value was written from (9.99999997e-07 -> 1e-06)."""
+    return float(f"{np.float32(x):.7g}")
+
+
 def config_from_gguf(f: GGUFFile) -> GemmaConfig:
     if f.architecture != "gemma3":
         raise ValueError(f"{f.path}: GGUF architecture is {f.architecture!r}, expected 'gemma3'")
@@ -72,8 +77,8 @@ def config_from_gguf(f: GGUFFile) -> GemmaConfig:
         vocab_size=embed.shape[0], num_layers=num_layers, d_model=d_model, num_heads=num_heads,
         num_kv_heads=int(get(a + "attention.head_count_kv") or num_heads), head_dim=head_dim,
         hidden_dim=int(get(a + "feed_forward_length")), sliding_window=int(get(a + "attention.sliding_window")),
-        query_pre_attn_scalar=qpas, rope_global_base=float(get(a + "rope.freq_base", 1_000_000.0)),
-        rope_global_scale=scale, rms_eps=float(np.float32(get(a + "attention.layer_norm_rms_epsilon", 1e-6))),
+        query_pre_attn_scalar=qpas, rope_global_base=_f32_value(get(a + "rope.freq_base", 1_000_000.0)),
+        rope_global_scale=scale, rms_eps=_f32_value(get(a + "attention.layer_norm_rms_epsilon", 1e-6)),
         max_context=int(get(a + "context_length", 131_072)),
     )
 
