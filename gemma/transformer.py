@@ -65,21 +65,26 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(config.d_model, eps=config.rms_eps, dtype=dtype)
 
     def forward(self, tokens: jax.Array, positions: jax.Array, input_mask: jax.Array,
-                last_only: bool = False) -> jax.Array:
-        """Traceable forward: tokens, positions int [B, T], input_mask bool [B, T] -> f32 logits."""
+                last_only: bool = False, return_hidden: bool = False) -> jax.Array:
+        """Traceable forward: tokens, positions int [B, T], input_mask bool [B, T] -> f32 logits
+        (or, with return_hidden, the final-normed hidden states [B, T, D] that the tied head reads)."""
         x = self.embedder.encode(tokens).astype(self.dtype)
         intervals = {w: causal_intervals(input_mask, w) for w in {b.sliding_window for b in self.layers}}
         for block in self.layers:
             x = block(x, positions, *intervals[block.sliding_window])
         if last_only:
             x = x[:, -1:]
-        logits = self.embedder.decode(self.final_norm(x))
+        x = self.final_norm(x)
+        if return_hidden:
+            return x
+        logits = self.embedder.decode(x)
         if self.config.final_logit_softcap is not None:
             cap = self.config.final_logit_softcap
             logits = jnp.tanh(logits / cap) * cap
         return logits
 
-    def __call__(self, tokens, *, positions=None, input_mask=None, last_only: bool = False) -> jax.Array:
+    def __call__(self, tokens, *, positions=None, input_mask=None, last_only: bool = False,
+                 return_hidden: bool = False) -> jax.Array:
         """Logits of the plain causal forward.
 
         Args:
@@ -89,6 +94,8 @@ class Transformer(nnx.Module):
           input_mask: optional bool [B, T], True on real tokens; padding must be
             on the left. Default: all True.
           last_only: return logits of the last position only, [B, 1, V].
+          return_hidden: return the final-normed hidden states [B, T, D] instead
+            of logits (`model.embedder.decode(h)` turns them into logits).
 
         Returns:
           float32 logits [B, T, V] (or [B, 1, V]).
@@ -100,12 +107,12 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0)
         positions = _check_like(positions, tokens, "positions").astype(jnp.int32)
-        return _jit_forward(self, tokens, positions, input_mask, last_only)
+        return _jit_forward(self, tokens, positions, input_mask, last_only, return_hidden)
 
 
-@functools.partial(nnx.jit, static_argnames=("last_only",))
-def _jit_forward(model: Transformer, tokens, positions, input_mask, last_only):
-    return model.forward(tokens, positions, input_mask, last_only)
+@functools.partial(nnx.jit, static_argnames=("last_only", "return_hidden"))
+def _jit_forward(model: Transformer, tokens, positions, input_mask, last_only, return_hidden):
+    return model.forward(tokens, positions, input_mask, last_only, return_hidden)
 
 
 def _concrete(x) -> np.ndarray | None:
