@@ -6,12 +6,15 @@
     logits = model(jnp.asarray([tokenizer.encode("Hello")]))
 """
 
-from gemma import config
+from gemma import cache, config
+from gemma.chat import ChatSampler
 from gemma.config import GemmaConfig
+from gemma.sampler import Sampler, SamplerOutput
 from gemma.tokenizer import Tokenizer
 from gemma.transformer import Transformer
 
-__all__ = ["GemmaConfig", "Tokenizer", "Transformer", "config", "load", "load_tokenizer"]
+__all__ = ["ChatSampler", "GemmaConfig", "Sampler", "SamplerOutput", "Tokenizer", "Transformer", "cache", "config",
+           "load", "load_tokenizer"]
 
 
 def load(source: str = "gemma3-270m", **kwargs) -> Transformer:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
+from gemma.cache import EMPTY, LayerCache
 from gemma.config import GemmaConfig
 from gemma.layers import RMSNorm, _init, rope
 
@@ -54,3 +55,30 @@ class Attention(nnx.Module):
         k, v = self.project_kv(x, positions)
         out = kernels.attention(q, k, v, k_start, k_end, scale=self.scale, softcap=self.softcap, impl=self.impl)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...])
+
+    def extend(self, x: jax.Array, positions: jax.Array, cache: LayerCache, length: jax.Array,
+               window: int | None) -> tuple[jax.Array, LayerCache]:
+        """Attention of a chunk over the cache plus itself, then the chunk is written.
+
+        x [B, T, D]; positions int [B, T] (negative on padding); `length` [B]:
+        tokens already in the cache. A single decode token is written first and
+        attends over the cache alone (its ring slot held position p - W, which
+        the window excludes); a longer chunk attends over cache + chunk keys
+        before writing, so chunks longer than the ring are exact.
+        """
+        q = self.project_q(x, positions)
+        k, v = self.project_kv(x, positions)
+        valid = positions >= 0
+        k_end = jnp.where(valid, positions, -1)
+        k_start = positions - window + 1 if window is not None else jnp.zeros_like(positions)
+        new_cache = cache.write(k, v, positions)
+        if x.shape[1] == 1:
+            keys, values = new_cache.k, new_cache.v
+            k_pos = new_cache.slot_positions(length + valid.sum(axis=1, dtype=jnp.int32))
+        else:
+            keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
+            values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+            k_pos = jnp.concatenate([cache.slot_positions(length), jnp.where(valid, positions, EMPTY)], axis=1)
+        out = kernels.attention(q, keys, values, k_start, k_end, scale=self.scale, softcap=self.softcap,
+                                k_pos=k_pos, impl=self.impl)
+        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...]), new_cache

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from gemma.attention import Attention
+from gemma.cache import Cache
 from gemma.config import GemmaConfig
 from gemma.layers import Embedder, GeGLU, RMSNorm
 
@@ -31,6 +32,12 @@ class Block(nnx.Module):
     def __call__(self, x, positions, k_start, k_end):
         x = x + self.post_attention_norm(self.attn(self.pre_attention_norm(x), positions, k_start, k_end))
         return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
+
+    def extend(self, x, positions, cache, length):
+        """The block over a chunk with a KV cache; returns (x, updated layer cache)."""
+        h, cache = self.attn.extend(self.pre_attention_norm(x), positions, cache, length, self.sliding_window)
+        x = x + self.post_attention_norm(h)
+        return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x))), cache
 
 
 def causal_intervals(input_mask: jax.Array, window: int | None) -> tuple[jax.Array, jax.Array]:
@@ -75,8 +82,27 @@ class Transformer(nnx.Module):
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)
-        if return_hidden:
-            return x
+        return x if return_hidden else self.logits(x)
+
+    def extend(self, tokens: jax.Array, positions: jax.Array, cache: Cache,
+               last_only: bool = True) -> tuple[jax.Array, Cache]:
+        """Traceable cached forward of a chunk: prefill (T > 1) or one decode step (T = 1).
+
+        tokens int [B, T]; positions int [B, T], negative on (left) padding.
+        Returns f32 logits [B, 1, V] of the last column (or [B, T, V]) and the cache.
+        """
+        x = self.embedder.encode(tokens).astype(self.dtype)
+        layers = []
+        for block, layer_cache in zip(self.layers, cache.layers):
+            x, layer_cache = block.extend(x, positions, layer_cache, cache.length)
+            layers.append(layer_cache)
+        length = cache.length + jnp.sum(positions >= 0, axis=1, dtype=jnp.int32)
+        if last_only:
+            x = x[:, -1:]
+        return self.logits(self.final_norm(x)), Cache(tuple(layers), length)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final-normed hidden [B, T, D] -> f32 logits [B, T, V] (tied head, optional soft-cap)."""
         logits = self.embedder.decode(x)
         if self.config.final_logit_softcap is not None:
             cap = self.config.final_logit_softcap

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 
 
-def interval_mask(k_start: jax.Array, k_end: jax.Array, num_keys: int) -> jax.Array:
-    """bool [B, T, S]: key s is visible to query t iff k_start[b, t] <= s <= k_end[b, t]."""
-    s = jnp.arange(num_keys, dtype=jnp.int32)
-    return (s >= k_start[..., None]) & (s <= k_end[..., None])
+def interval_mask(k_start: jax.Array, k_end: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """bool [B, T, S]: key s is visible to query t iff k_start[b, t] <= k_pos[b, s] <= k_end[b, t]."""
+    k_pos = k_pos[:, None, :]
+    return (k_pos >= k_start[..., None]) & (k_pos <= k_end[..., None])
 
 
 def attention(
@@ -26,6 +26,7 @@ def attention(
     *,
     scale: float,
     softcap: float | None = None,
+    k_pos: jax.Array | None = None,
 ) -> jax.Array:
     """Grouped-query attention restricted to per-query key intervals.
 
@@ -33,9 +34,11 @@ def attention(
       q: [B, T, N, H] queries (N = K * G heads).
       k, v: [B, S, K, H] keys and values.
       k_start, k_end: int32 [B, T]; query (b, t) attends to keys s with
-        k_start <= s <= k_end. An empty interval (k_start > k_end) yields zeros.
+        k_start <= k_pos[b, s] <= k_end. An empty interval (k_start > k_end) yields zeros.
       scale: multiplier of q·k (Gemma 3: query_pre_attn_scalar ** -0.5).
       softcap: optional tanh soft-capping of the scores.
+      k_pos: int32 [B, S], the position of each key (default: its index s). A
+        ring-buffer cache passes the positions its slots hold.
 
     Returns:
       [B, T, N, H] in q's dtype. Scores and softmax are computed in float32.
@@ -47,7 +50,9 @@ def attention(
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
-    visible = interval_mask(k_start, k_end, k.shape[1])[:, None, None]  # [B, 1, 1, T, S]
+    if k_pos is None:
+        k_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (b, k.shape[1]))
+    visible = interval_mask(k_start, k_end, k_pos)[:, None, None]  # [B, 1, 1, T, S]
     scores = jnp.where(visible, scores, -jnp.inf)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)

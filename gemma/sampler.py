@@ -1,0 +1,282 @@
+"""Sampling on the compact KV cache: chunked prefill, then one jitted decode loop.
+
+    sampler = gemma.Sampler(model, tokenizer)
+    out = sampler.generate("The capital of France is", max_new_tokens=16)
+    out.text, out.tokens
+    for piece in sampler.stream("Once upon a time", max_new_tokens=64): print(piece, end="")
+
+Prompts are left-padded to a bucket length (powers of two, then multiples of
+the prefill chunk) so new prompt lengths rarely recompile; decode runs as a
+`lax.while_loop` that ends when every row has stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemma.cache import Cache, init_cache
+from gemma.config import VOCAB_SIZE
+from gemma.tokenizer import Tokenizer
+from gemma.transformer import Transformer
+
+_MIN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    """`text` and `tokens` (generated ids, stop token excluded): a str / list[int] for one
+    prompt, lists of them for a list of prompts."""
+
+    text: str | list[str]
+    tokens: list[int] | list[list[int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
+    """Next ids [B] from f32 logits [B, V]; ids >= 262144 (image tokens) are never drawn."""
+    logits = logits[:, :VOCAB_SIZE]
+    if params.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / params.temperature
+    if params.top_k is not None:  # candidates: the k best, sorted
+        values, ids = jax.lax.top_k(logits, min(params.top_k, logits.shape[-1]))
+    else:
+        ids = jnp.argsort(-logits, axis=-1) if params.top_p is not None else None
+        values = jnp.take_along_axis(logits, ids, axis=-1) if ids is not None else logits
+    if params.top_p is not None:  # keep the smallest prefix whose mass reaches top_p
+        probs = jax.nn.softmax(values, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        values = jnp.where(before < params.top_p, values, -jnp.inf)
+    choice = jax.random.categorical(key, values, axis=-1)
+    if ids is None:
+        return choice.astype(jnp.int32)
+    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def _extend(graphdef, state, tokens, positions, cache):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.extend(tokens, positions, cache, last_only=True)
+    return logits[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(2,))
+def _decode_loop(graphdef, state, cache, logits, key, stop_ids, params, steps, max_new, done):
+    """Samples up to `max_new` (<= `steps`, the compiled bucket) tokens per row; a row
+    stops at any id in `stop_ids`. Returns ids [B, steps] (-1 after a row stopped) and the cache."""
+    model = nnx.merge(graphdef, state)
+    out = jnp.full((logits.shape[0], steps), -1, jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, done, _ = carry
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, logits, key, done, out = carry
+        key, sub = jax.random.split(key)
+        token = sample_logits(logits, sub, params)
+        stopped = done | jnp.isin(token, stop_ids)
+        out = out.at[:, step].set(jnp.where(stopped, -1, token))
+        positions = jnp.where(stopped, -1, cache.length)[:, None]
+        logits, cache = model.extend(jnp.where(stopped, 0, token)[:, None], positions, cache, last_only=True)
+        return step + 1, cache, logits[:, 0], key, stopped, out
+
+    init = (jnp.int32(0), cache, logits, key, done, out)
+    _, cache, logits, _, done, out = jax.lax.while_loop(cond, body, init)
+    return out, cache
+
+
+def _bucket(n: int, chunk: int) -> int:
+    if n <= chunk:
+        return max(_MIN_BUCKET, 1 << (n - 1).bit_length())
+    return -(-n // chunk) * chunk
+
+
+class Sampler:
+    """Generates text from a Gemma 3 model on a compact KV cache.
+
+    Args:
+      model: a `gemma.Transformer` (e.g. from `checkpoints.load`).
+      tokenizer: its `gemma.Tokenizer`.
+      max_len: the longest prompt + generation, in tokens, per sequence
+        (default: the model's context, at most 8192).
+      prefill_chunk: prompts longer than this are prefilled in chunks.
+      cache_dtype: dtype of the KV cache (default: the model's dtype).
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_len: int | None = None,
+                 prefill_chunk: int = 512, cache_dtype=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.max_len = int(max_len or min(self.config.max_context, 8192))
+        self.prefill_chunk = int(prefill_chunk)
+        self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
+        self.stop_ids = (tokenizer.eos_id, tokenizer.end_of_turn_id)
+        self._graphdef, self._state = nnx.split(model)
+
+    # ------------------------------------------------------------------ pieces
+    def encode_prompt(self, prompt: str | Sequence[int], add_bos: bool = True) -> list[int]:
+        """Token ids of a text prompt (with <bos>) or a list of ids, checked against the model's vocabulary."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_bos=add_bos) if prompt else []
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("prompt is empty; give at least one character (or token id)")
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            bad = min(ids) if min(ids) < 0 else max(ids)
+            raise ValueError(f"prompt token id {bad} is outside the model's vocabulary [0, {self.config.vocab_size})")
+        return ids
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> Cache:
+        return init_cache(self.config, batch_size, max_len or self.max_len, self.cache_dtype)
+
+    def prefill(self, rows: Sequence[Sequence[int]], cache: Cache) -> tuple[jax.Array, Cache]:
+        """Appends `rows` (one id list per cache row) to the cache; returns last logits [B, V] and the cache.
+
+        Rows are left-padded to a common bucket length and fed in chunks of
+        `prefill_chunk`; every row's last token lands in the last column.
+        """
+        lengths = np.asarray([len(r) for r in rows])
+        width = _bucket(int(lengths.max()), self.prefill_chunk)
+        tokens = np.zeros((len(rows), width), np.int32)
+        offsets = np.full((len(rows), width), -1, np.int64)
+        for b, row in enumerate(rows):
+            tokens[b, width - len(row):] = row
+            offsets[b, width - len(row):] = np.arange(len(row))
+        start = np.asarray(cache.length)[:, None]
+        positions = np.where(offsets >= 0, start + offsets, -1).astype(np.int32)
+        logits = None
+        for c in range(0, width, min(width, self.prefill_chunk)):
+            sl = slice(c, c + min(width, self.prefill_chunk))
+            logits, cache = _extend(self._graphdef, self._state, jnp.asarray(tokens[:, sl]),
+                                    jnp.asarray(positions[:, sl]), cache)
+        return logits, cache
+
+    def _check_room(self, prompt_lengths: Sequence[int], max_new_tokens: int, used: int = 0) -> None:
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        need = used + max(prompt_lengths) + max_new_tokens
+        if need > self.max_len:
+            raise ValueError(f"prompt ({max(prompt_lengths)} tokens{f' after {used} in the cache' if used else ''}) "
+                             f"+ max_new_tokens ({max_new_tokens}) = {need} exceeds max_len {self.max_len}; "
+                             f"shorten the prompt or create the Sampler with a larger max_len")
+
+    def _stop_at(self, ids: list[int], stop: Sequence[str] | None) -> tuple[list[int], str]:
+        text = self.tokenizer.decode(ids)
+        if not stop:
+            return ids, text
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+        if cut < 0:
+            return ids, text
+        text = text[:cut]
+        n = next(n for n in range(len(ids) + 1) if self.tokenizer.decode(ids[:n]).startswith(text)
+                 and len(self.tokenizer.decode(ids[:n])) >= len(text))
+        return ids[:n], text
+
+    # ------------------------------------------------------------------ public
+    def generate(self, prompt_or_prompts: str | Sequence[str], max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0, stop: Sequence[str] | None = None) -> SamplerOutput:
+        """Continues one prompt (str, or a list of token ids) or a batch (list of them) of any lengths.
+
+        temperature 0 is greedy. Generation of a row ends at <eos>, <end_of_turn>,
+        a `stop` string (cut before it) or after `max_new_tokens`.
+        """
+        single = isinstance(prompt_or_prompts, str) or (
+            len(prompt_or_prompts) > 0 and isinstance(prompt_or_prompts[0], (int, np.integer)))
+        prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        params = SamplingParams(temperature, top_k, top_p)
+        rows = [self.encode_prompt(p) for p in prompts]
+        self._check_room([len(r) for r in rows], max_new_tokens)
+        steps = _bucket(max_new_tokens, 1 << 30)
+        cache_len = min(self.max_len, _bucket(max(map(len, rows)), self.prefill_chunk) + steps)
+        cache = self.new_cache(len(rows), cache_len)
+        logits, cache = self.prefill(rows, cache)
+        out, _ = _decode_loop(self._graphdef, self._state, cache, logits, jax.random.key(seed),
+                              jnp.asarray(self.stop_ids, jnp.int32), params, steps, jnp.int32(max_new_tokens),
+                              jnp.zeros((len(rows),), bool))
+        results = []
+        for row in np.asarray(out):
+            ids = row.tolist()
+            ids = ids[:ids.index(-1)] if -1 in ids else ids
+            results.append(self._stop_at(ids, stop))
+        if single:
+            return SamplerOutput(results[0][1], results[0][0])
+        return SamplerOutput([t for _, t in results], [i for i, _ in results])
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int = 0, stop: Sequence[str] | None = None) -> Iterator[str]:
+        """Yields the continuation of `prompt` piece by piece (whole UTF-8 characters only)."""
+        params = SamplingParams(temperature, top_k, top_p)
+        row = self.encode_prompt(prompt)
+        self._check_room([len(row)], max_new_tokens)
+        cache = self.new_cache(1, min(self.max_len, _bucket(len(row), self.prefill_chunk) + max_new_tokens))
+        logits, cache = self.prefill([row], cache)
+        yield from self.stream_from(logits, cache, max_new_tokens, params, seed, stop)
+
+    def stream_from(self, logits: jax.Array, cache: Cache, max_new_tokens: int, params: SamplingParams,
+                    seed: int, stop: Sequence[str] | None, on_done=None) -> Iterator[str]:
+        """Decodes one row token by token from prefilled `logits` / `cache`.
+
+        Every generated id except a stop id is fed to the cache; at the end
+        `on_done(fed_ids, cache)` receives them (a stop string may cut the text
+        earlier than the ids that were fed).
+        """
+        key = jax.random.key(seed)
+        ids: list[int] = []
+        shown, cut = "", False
+        for _ in range(max_new_tokens):
+            key, sub = jax.random.split(key)
+            token = int(_sample(logits, sub, params)[0])
+            if token in self.stop_ids:
+                break
+            ids.append(token)
+            logits, cache = _extend(self._graphdef, self._state, jnp.asarray([[token]], jnp.int32),
+                                    cache.length[:, None], cache)
+            text = self.tokenizer.decode(ids)
+            if stop and any(s in text for s in stop):
+                text, cut = self._stop_at(ids, stop)[1], True
+            if cut or (not text.endswith("\ufffd") and len(text) > len(shown)):  # whole characters only
+                if text[len(shown):]:
+                    yield text[len(shown):]
+                shown = text
+            if cut:
+                break
+        if not cut:
+            text = self.tokenizer.decode(ids)
+            if len(text) > len(shown):
+                yield text[len(shown):]
+        if on_done is not None:
+            on_done(ids, cache)
+
+
+_sample = jax.jit(sample_logits, static_argnums=(2,))

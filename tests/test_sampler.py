@@ -1,0 +1,198 @@
+"""Compact KV cache, sampler and chat: cached decode equals the full forward, sizes, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax import nnx
+
+from gemma import config as C
+from gemma.cache import cache_nbytes, init_cache
+from gemma.chat import ChatSampler, format_turn
+from gemma.sampler import Sampler, SamplingParams, sample_logits
+from gemma.transformer import Transformer
+
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Random 7-layer model (6 local with W = 8, 1 global; 4 q / 2 kv heads) with the real vocabulary,
+    so real text prompts work; norms randomized. Its plain forward is checked against HF in test_model."""
+    model = Transformer(C.tiny(vocab_size=C.VOCAB_SIZE), rngs=nnx.Rngs(0))
+    for i, (_, var) in enumerate(nnx.iter_graph(model)):
+        if isinstance(var, nnx.Param) and var[...].ndim == 1:
+            var[...] = 0.3 * jax.random.normal(jax.random.key(i), var[...].shape)
+    return model
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny, tokenizer_270m):
+    return Sampler(tiny, tokenizer_270m, max_len=128, prefill_chunk=8)
+
+
+def full_logits(model, ids):
+    return np.asarray(model(jnp.asarray([ids]))[0])
+
+
+# ------------------------------------------------------------------ cache sizes
+@pytest.mark.parametrize("name", list(C.PRESETS))
+@pytest.mark.parametrize("max_len", [100, 4096, 32768])
+def test_nbytes_equals_formula(name, max_len):
+    cfg = C.preset(name)
+    cache = jax.eval_shape(lambda: init_cache(cfg, 2, max_len, jnp.bfloat16))
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache) if x.ndim == 4)
+    expected = 2 * 2 * cfg.num_kv_heads * cfg.head_dim * 2 * (
+        cfg.num_global_layers * max_len + cfg.num_local_layers * min(cfg.sliding_window, max_len))
+    assert nbytes == expected == cache_nbytes(cfg, 2, max_len, jnp.bfloat16)
+
+
+def test_design_figures():
+    assert round(cache_nbytes(C.gemma3_4b(), 1, 32 * 1024) / GiB, 2) == 0.74
+    assert round(cache_nbytes(C.gemma3_27b(), 1, 128 * 1024) / GiB, 1) == 10.4
+    real = init_cache(C.tiny(), 3, 64, jnp.float32)
+    assert real.nbytes == cache_nbytes(C.tiny(), 3, 64, jnp.float32)
+
+
+# ------------------------------------------------------------------ cached == full
+def test_decode_across_ring_wraparound(tiny, sampler):
+    """Prefill 5, then decode 27 single tokens: the ring (W = 8) wraps three times."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 256, size=32).tolist()
+    full = full_logits(tiny, ids)
+    cache = sampler.new_cache(1, 64)
+    logits, cache = sampler.prefill([ids[:5]], cache)
+    got = [np.asarray(logits[0])]
+    for t in range(5, 32):
+        logits, cache = sampler.prefill([[ids[t]]], cache)
+        got.append(np.asarray(logits[0]))
+    np.testing.assert_allclose(np.stack(got), full[4:], atol=2e-4, rtol=0)
+    assert int(cache.length[0]) == 32
+
+
+@pytest.mark.parametrize("chunk", [3, 8, 13, 64])
+def test_chunked_prefill_equals_one_shot(tiny, tokenizer_270m, chunk):
+    """Chunks shorter than, equal to and longer than the window W = 8."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 256, size=40).tolist()
+    s = Sampler(tiny, tokenizer_270m, max_len=128, prefill_chunk=chunk)
+    logits, cache = s.prefill([ids], s.new_cache(1, 128))
+    np.testing.assert_allclose(logits[0], full_logits(tiny, ids)[-1], atol=2e-4, rtol=0)
+    # and the cache it left decodes the next token exactly
+    logits, _ = s.prefill([[7]], cache)
+    np.testing.assert_allclose(logits[0], full_logits(tiny, ids + [7])[-1], atol=2e-4, rtol=0)
+
+
+def test_mixed_length_batch_equals_each_alone(tiny, sampler):
+    rng = np.random.default_rng(2)
+    rows = [rng.integers(3, 256, size=n).tolist() for n in (3, 17, 11)]
+    batch = sampler_generate_ids(sampler, rows, 12)
+    for row, got in zip(rows, batch):
+        assert got == sampler_generate_ids(sampler, [row], 12)[0]
+        # and greedy ids equal argmax of the full forward, step by step
+        seq = list(row)
+        for token in got:
+            assert token == int(full_logits(tiny, seq)[-1].argmax())
+            seq.append(token)
+
+
+def sampler_generate_ids(sampler, rows, n):
+    from gemma.sampler import _bucket, _decode_loop
+
+    cache = sampler.new_cache(len(rows), 64)
+    logits, cache = sampler.prefill(rows, cache)
+    out, _ = _decode_loop(sampler._graphdef, sampler._state, cache, logits, jax.random.key(0),
+                          jnp.asarray([-5], jnp.int32), SamplingParams(), _bucket(n, 1 << 30), jnp.int32(n),
+                          jnp.zeros((len(rows),), bool))
+    return [r[:n] for r in np.asarray(out).tolist()]
+
+
+# ------------------------------------------------------------------ sampling
+def test_sampling_rules():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05] + [0.0] * 4]) + 1e-30)
+    draws = lambda p, n=400: np.asarray(jax.vmap(lambda k: sample_logits(logits, k, p)[0])(
+        jax.random.split(jax.random.key(0), n)))
+    assert set(draws(SamplingParams(1.0, top_k=2))) == {0, 1}
+    assert set(draws(SamplingParams(1.0, top_p=0.7))) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(draws(SamplingParams(1.0, top_p=0.5))) == {0}
+    assert set(draws(SamplingParams(1.0))) == {0, 1, 2, 3}
+    assert int(sample_logits(logits, jax.random.key(0), SamplingParams())[0]) == 0
+
+
+def test_image_ids_are_never_sampled():
+    logits = jnp.zeros((1, C.MULTIMODAL_VOCAB_SIZE)).at[0, 262150].set(100.0)
+    assert int(sample_logits(logits, jax.random.key(0), SamplingParams())[0]) < C.VOCAB_SIZE
+    assert int(sample_logits(logits, jax.random.key(0), SamplingParams(1.0))[0]) < C.VOCAB_SIZE
+
+
+def test_seed_reproducible(sampler):
+    a = sampler.generate("Hello there", max_new_tokens=8, temperature=1.0, seed=3)
+    b = sampler.generate("Hello there", max_new_tokens=8, temperature=1.0, seed=3)
+    c = sampler.generate("Hello there", max_new_tokens=8, temperature=1.0, seed=4)
+    assert a == b and len(a.tokens) == 8 and a.tokens != c.tokens
+
+
+def test_stream_equals_generate(sampler):
+    out = sampler.generate("Hello there", max_new_tokens=10)
+    assert "".join(sampler.stream("Hello there", max_new_tokens=10)) == out.text
+
+
+def test_stop_strings(sampler):
+    full = sampler.generate("Hello there", max_new_tokens=12)
+    stop = full.text[3:5]
+    cut = sampler.generate("Hello there", max_new_tokens=12, stop=[stop])
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert sampler.tokenizer.decode(cut.tokens).startswith(cut.text)
+    assert "".join(sampler.stream("Hello there", max_new_tokens=12, stop=[stop])) == cut.text
+
+
+def test_bad_input(sampler):
+    with pytest.raises(ValueError, match="exceeds max_len 128"):
+        sampler.generate("Hello", max_new_tokens=200)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        sampler.generate("", max_new_tokens=2)
+    with pytest.raises(ValueError, match="temperature"):
+        sampler.generate("Hi", temperature=-1)
+    for top_p in (0.0, 1.5):
+        with pytest.raises(ValueError, match="top_p"):
+            sampler.generate("Hi", top_p=top_p)
+    with pytest.raises(ValueError, match="top_k"):
+        sampler.generate("Hi", top_k=0)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        sampler.generate([2, C.VOCAB_SIZE], max_new_tokens=2)
+    assert sampler.generate("Hi", max_new_tokens=2).text is not None  # nothing left half-done
+
+
+# ------------------------------------------------------------------ chat
+def test_chat_template():
+    assert format_turn("Hi", first=True, system="Be brief.") == (
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n")
+    assert format_turn("Again", first=False) == (
+        "<end_of_turn>\n<start_of_turn>user\nAgain<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_chat_keeps_cache_between_turns(tiny, tokenizer_270m):
+    chat = ChatSampler(tiny, tokenizer_270m, system="Be brief.", max_len=128)
+    chat.send("Hello", max_new_tokens=5)
+    after_first = list(chat.tokens)
+    assert int(chat.cache.length[0]) == len(after_first)
+    chat.send("And now?", max_new_tokens=5)
+    assert chat.tokens[: len(after_first)] == after_first  # turn 2 only appended
+    assert int(chat.cache.length[0]) == len(chat.tokens)
+    assert [h["role"] for h in chat.history] == ["user", "model", "user", "model"]
+    # The kept cache equals a fresh prefill of the whole dialog: its next-token logits match.
+    s = chat.sampler
+    kept, _ = s.prefill([[9]], chat.cache)
+    fresh, _ = s.prefill([chat.tokens + [9]], s.new_cache(1, 128))
+    np.testing.assert_allclose(kept, fresh, atol=2e-4, rtol=0)
+    np.testing.assert_allclose(kept[0], full_logits(tiny, chat.tokens + [9])[-1], atol=2e-4, rtol=0)
+    chat.reset()
+    assert chat.history == [] and chat.cache is None
+
+
+def test_chat_full_cache_is_a_clear_error(tiny, tokenizer_270m):
+    chat = ChatSampler(tiny, tokenizer_270m, max_len=40)
+    chat.send("Hello", max_new_tokens=8)
+    with pytest.raises(ValueError, match="exceeds max_len 40"):
+        chat.send("Tell me more please " * 3, max_new_tokens=8)
