@@ -252,31 +252,52 @@ class Sampler:
         earlier than the ids that were fed).
         """
         key = jax.random.key(seed)
-        ids: list[int] = []
-        shown, cut = "", False
+        text = IncrementalText(self.tokenizer, stop)
         for _ in range(max_new_tokens):
             key, sub = jax.random.split(key)
             token = int(_sample(logits, sub, params)[0])
             if token in self.stop_ids:
                 break
-            ids.append(token)
             logits, cache = _extend(self._graphdef, self._state, jnp.asarray([[token]], jnp.int32),
                                     cache.length[:, None], cache)
-            text = self.tokenizer.decode(ids)
-            if stop and any(s in text for s in stop):
-                text, cut = self._stop_at(ids, stop)[1], True
-            if cut or (not text.endswith("\ufffd") and len(text) > len(shown)):  # whole characters only
-                if text[len(shown):]:
-                    yield text[len(shown):]
-                shown = text
-            if cut:
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
                 break
-        if not cut:
-            text = self.tokenizer.decode(ids)
-            if len(text) > len(shown):
-                yield text[len(shown):]
+        piece = text.flush()
+        if piece:
+            yield piece
         if on_done is not None:
-            on_done(ids, cache)
+            on_done(text.ids, cache)
+
+
+class IncrementalText:
+    """Turns ids into text pieces as they come: only whole UTF-8 characters, cut at a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] | None = None):
+        self.tokenizer, self.stop = tokenizer, list(stop or [])
+        self.ids: list[int] = []
+        self.shown = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, text = True, text[:cut]
+        elif text.endswith("\ufffd"):  # a partial UTF-8 character (byte-fallback pieces): wait
+            return ""
+        return self._advance(text)
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._advance(self.tokenizer.decode(self.ids))
+
+    def _advance(self, text: str) -> str:
+        piece = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.shown = text
+        return piece
 
 
 _sample = jax.jit(sample_logits, static_argnums=(2,))

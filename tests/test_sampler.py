@@ -196,3 +196,24 @@ def test_chat_full_cache_is_a_clear_error(tiny, tokenizer_270m):
     chat.send("Hello", max_new_tokens=8)
     with pytest.raises(ValueError, match="exceeds max_len 40"):
         chat.send("Tell me more please " * 3, max_new_tokens=8)
+
+
+def test_streaming_holds_back_partial_utf8(tokenizer_270m):
+    from gemma.sampler import IncrementalText
+
+    sp = tokenizer_270m._sp
+    euro = [sp.piece_to_id(f"<0x{b:02X}>") for b in "€".encode()]  # byte-fallback pieces
+    assert len(set(euro)) == 3 and all(tokenizer_270m.decode([i]) == "\ufffd" for i in euro)
+    text = IncrementalText(tokenizer_270m)
+    pieces = [text.push(i) for i in tokenizer_270m.encode("Price:", add_bos=False) + euro]
+    assert pieces[-3:] == ["", "", "€"] and "".join(pieces) + text.flush() == "Price:€"
+
+
+def test_new_prompt_lengths_do_not_recompile(sampler):
+    from gemma.sampler import _extend
+
+    sampler.generate("one two three", max_new_tokens=3)
+    compiled = _extend._cache_size()
+    for prompt in ("one two three four five", "a", "one two three four five six seven"):
+        sampler.generate(prompt, max_new_tokens=3)
+    assert _extend._cache_size() == compiled
