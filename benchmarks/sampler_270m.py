@@ -142,7 +142,7 @@ def main():
 
     cfg = C.gemma3_270m()
     full = cfg.replace(layer_types=("global",) * cfg.num_layers)
-    print("\nKV cache bytes, 270M, batch 1, f32 | bf16:")
+    print("\nKV cache bytes, 270M, batch 1, f32:")
     for n in (4096, 32768):
         hf_bytes = 2 * cfg.num_kv_heads * cfg.head_dim * 4 * (
             cfg.num_global_layers * n + cfg.num_local_layers * min(cfg.sliding_window - 1, n))

@@ -18,7 +18,7 @@ REF = json.loads((FIXTURES / "gemma3_270m" / "reference.json").read_text())
 NPZ = dict(np.load(FIXTURES / "gemma3_270m" / "reference.npz"))
 PROMPTS = list(enumerate(p["name"] for p in REF["prompts"]))
 NEAR_TIE = 0.05
-ATOL = 2e-3
+ATOL = 5e-4  # the issue asks 2e-3; measured worst 1.9e-4 (benchmarks/parity_270m.py)
 
 
 def logits_at(model, ids, positions):
