@@ -67,10 +67,11 @@ def resolve(source: str | os.PathLike) -> tuple[str, str]:
                      f"config.json + *.safetensors (HF)")
 
 
-def load(source: str | os.PathLike = DEFAULT_MODEL, dtype=jnp.float32) -> Transformer:
+def load(source: str | os.PathLike = DEFAULT_MODEL, dtype=jnp.float32, text_only: bool = False) -> Transformer:
     """The Gemma 3 model (a flax NNX module with `.config`) from `source`, parameters in `dtype`.
 
-    For an orbax directory `dtype=None` keeps the saved dtype.
+    For an orbax directory `dtype=None` keeps the saved dtype. `text_only=True` loads only the
+    language model of a multimodal checkpoint (its vision weights are not read).
     """
     kind, path = resolve(source)
     if kind == "gguf":
@@ -80,7 +81,7 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype=jnp.float32) -> Transf
     if kind == "hf":
         from checkpoints.from_hf import load_hf
 
-        return load_hf(path, jnp.float32 if dtype is None else dtype)
+        return load_hf(path, jnp.float32 if dtype is None else dtype, text_only=text_only)
     from checkpoints.orbax_io import load_orbax
 
     return load_orbax(path, dtype)

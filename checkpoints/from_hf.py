@@ -4,7 +4,9 @@ Accepted key spellings of the text model (X = `embed_tokens.weight`, `layers.0..
   Gemma3ForCausalLM                         model.X
   Gemma3ForConditionalGeneration, Hub / v5  language_model.model.X
   Gemma3ForConditionalGeneration, v5 names  model.language_model.X
-Vision-tower and projector tensors are not read by the text-only loader.
+Vision tower: `vision_tower.vision_model.X` (Hub), `vision_tower.X` (v5 file) or
+`model.vision_tower.X` (v5 names); projector: `[model.]multi_modal_projector.X`.
+With text_only=True the vision and projector tensors are never read.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from checkpoints.params import build_model
 from gemma.config import GemmaConfig
 
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
-_NON_TEXT_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                      "model.multi_modal_projector.")
+_VISION_PREFIXES = {"model.vision_tower.vision_model.": "vision_tower.", "vision_tower.vision_model.": "vision_tower.",
+                    "model.vision_tower.": "vision_tower.", "vision_tower.": "vision_tower.",
+                    "model.multi_modal_projector.": "multi_modal_projector.",
+                    "multi_modal_projector.": "multi_modal_projector."}
 _TIED_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
 
 
@@ -28,10 +32,14 @@ def is_hf_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and bool(glob.glob(os.path.join(path, "*.safetensors")))
 
 
-def text_key(key: str) -> str | None:
-    """HF key -> text-model key X, or None for vision / projector / tied-head tensors."""
-    if key.startswith(_NON_TEXT_PREFIXES) or key in _TIED_HEADS:
+def unified_key(key: str, with_vision: bool) -> str | None:
+    """HF key -> our HF-style key (text X, `vision_tower.X`, `multi_modal_projector.X`), or None when
+    the tensor is not read (tied head; vision and projector when `with_vision` is False)."""
+    if key in _TIED_HEADS:
         return None
+    for prefix, ours in _VISION_PREFIXES.items():
+        if key.startswith(prefix):
+            return ours + key[len(prefix):] if with_vision else None
     for prefix in _TEXT_PREFIXES:
         if key.startswith(prefix):
             return key[len(prefix):]
@@ -50,9 +58,11 @@ def hf_config(path: str) -> GemmaConfig:
     return GemmaConfig.from_hf(raw)
 
 
-def load_hf(path: str | os.PathLike, dtype) -> "Transformer":  # noqa: F821
+def load_hf(path: str | os.PathLike, dtype, text_only: bool = False) -> "Transformer":  # noqa: F821
     path = os.fspath(path)
     config = hf_config(path)
+    if text_only:
+        config = config.text_only()
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise ValueError(f"{path}: no *.safetensors files")
@@ -62,7 +72,7 @@ def load_hf(path: str | os.PathLike, dtype) -> "Transformer":  # noqa: F821
         try:
             with safe_open(file, framework="flax") as f:
                 for key in f.keys():
-                    x = text_key(key)
+                    x = unified_key(key, config.vision is not None)
                     if x is not None:
                         where[x] = (file, key)
                         shapes[x] = tuple(f.get_slice(key).get_shape())

@@ -57,6 +57,44 @@ def hf_specs(config: GemmaConfig) -> dict[str, Spec]:
         for name in ("gate_proj", "up_proj"):
             specs[p + f"mlp.{name}.weight"] = Spec(("layers", i, "mlp", name), (f, d), lambda w: w.T)
         specs[p + "mlp.down_proj.weight"] = Spec(("layers", i, "mlp", "down_proj"), (d, f), lambda w: w.T)
+    if c.vision is not None:
+        specs.update(vision_specs(c))
+    return specs
+
+
+def vision_specs(config: GemmaConfig) -> dict[str, Spec]:
+    """HF SigLIP tower (`vision_tower.*`, without `vision_model.`) and projector keys."""
+    v = config.vision
+    w, heads, p, f = v.width, v.num_heads, v.patch_size, v.mlp_dim
+    h = w // heads
+    enc, t = ("vision", "encoder"), "vision_tower."
+    specs = {
+        t + "embeddings.patch_embedding.weight": Spec(enc + ("patch_embedding",), (w, 3, p, p),
+                                                      lambda x: x.transpose(2, 3, 1, 0)),
+        t + "embeddings.patch_embedding.bias": Spec(enc + ("patch_bias",), (w,), _identity),
+        t + "embeddings.position_embedding.weight": Spec(enc + ("position_embedding",), (v.num_patches, w), _identity),
+        t + "post_layernorm.weight": Spec(enc + ("post_layernorm", "scale"), (w,), _identity),
+        t + "post_layernorm.bias": Spec(enc + ("post_layernorm", "bias"), (w,), _identity),
+        "multi_modal_projector.mm_input_projection_weight": Spec(("vision", "projector", "projection"),
+                                                                 (w, config.d_model), _identity),
+        "multi_modal_projector.mm_soft_emb_norm.weight": Spec(("vision", "projector", "norm_scale"), (w,), _identity),
+    }
+    for i in range(v.depth):
+        k, path = f"{t}encoder.layers.{i}.", enc + ("layers", i)
+        for ln in ("layer_norm1", "layer_norm2"):
+            specs[k + ln + ".weight"] = Spec(path + (ln, "scale"), (w,), _identity)
+            specs[k + ln + ".bias"] = Spec(path + (ln, "bias"), (w,), _identity)
+        for name in ("q", "k", "v"):
+            specs[k + f"self_attn.{name}_proj.weight"] = Spec(path + (f"{name}_proj",), (w, w),
+                                                              lambda x: x.T.reshape(w, heads, h))
+            specs[k + f"self_attn.{name}_proj.bias"] = Spec(path + (f"{name}_bias",), (w,),
+                                                            lambda x: x.reshape(heads, h))
+        specs[k + "self_attn.out_proj.weight"] = Spec(path + ("o_proj",), (w, w), lambda x: x.T.reshape(heads, h, w))
+        specs[k + "self_attn.out_proj.bias"] = Spec(path + ("o_bias",), (w,), _identity)
+        specs[k + "mlp.fc1.weight"] = Spec(path + ("fc1",), (f, w), lambda x: x.T)
+        specs[k + "mlp.fc1.bias"] = Spec(path + ("fc1_bias",), (f,), _identity)
+        specs[k + "mlp.fc2.weight"] = Spec(path + ("fc2",), (w, f), lambda x: x.T)
+        specs[k + "mlp.fc2.bias"] = Spec(path + ("fc2_bias",), (w,), _identity)
     return specs
 
 

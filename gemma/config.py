@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any, Literal
 
+from vision.config import SigLIPConfig
+
 LayerType = Literal["local", "global"]
 
 VOCAB_SIZE = 262_144  # text vocabulary; ids >= this are never sampled
@@ -38,6 +40,9 @@ class GemmaConfig:
       final_logit_softcap / attn_logit_softcap: None for Gemma 3 (kept for imports).
       max_context: longest context the checkpoint was trained for.
       attention_impl: kernels.attention implementation used by the model.
+      vision: the SigLIP tower of multimodal models (None: text only).
+      image_token_id / boi_token_id / eoi_token_id: the image soft token and the
+        <start_of_image> / <end_of_image> ids that frame each image's block.
     """
 
     vocab_size: int
@@ -58,8 +63,14 @@ class GemmaConfig:
     attn_logit_softcap: float | None = None
     max_context: int = 131_072
     attention_impl: str = "xla"
+    vision: SigLIPConfig | None = None
+    image_token_id: int = 262_144
+    boi_token_id: int = 255_999
+    eoi_token_id: int = 256_000
 
     def __post_init__(self):
+        if isinstance(self.vision, dict):
+            object.__setattr__(self, "vision", SigLIPConfig(**self.vision))
         if self.layer_types is None:
             types = tuple("global" if (i + 1) % 6 == 0 else "local" for i in range(self.num_layers))
             object.__setattr__(self, "layer_types", types)
@@ -95,6 +106,9 @@ class GemmaConfig:
     def num_local_layers(self) -> int:
         return self.num_layers - self.num_global_layers
 
+    def text_only(self) -> "GemmaConfig":
+        return self.replace(vision=None)
+
     def replace(self, **changes: Any) -> "GemmaConfig":
         return dataclasses.replace(self, **changes)
 
@@ -127,7 +141,13 @@ class GemmaConfig:
                 path = os.path.join(path, "config.json")
             with open(path) as f:
                 hf = json.load(f)
+        mm = {}
         if "text_config" in hf:
+            if hf.get("vision_config"):
+                mm = dict(vision=SigLIPConfig.from_hf(hf["vision_config"], int(hf.get("mm_tokens_per_image", 256))),
+                          image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 262_144))),
+                          boi_token_id=int(hf.get("boi_token_index", 255_999)),
+                          eoi_token_id=int(hf.get("eoi_token_index", 256_000)))
             text = dict(hf["text_config"] or {})
             if "vocab_size" not in text:
                 text["vocab_size"] = MULTIMODAL_VOCAB_SIZE
@@ -184,6 +204,7 @@ class GemmaConfig:
             final_logit_softcap=hf.get("final_logit_softcapping"),
             attn_logit_softcap=hf.get("attn_logit_softcapping"),
             max_context=int(hf.get("max_position_embeddings") or 131_072),
+            **mm,
         )
 
 
@@ -222,19 +243,19 @@ def gemma3_1b() -> GemmaConfig:
 def gemma3_4b() -> GemmaConfig:
     return GemmaConfig(vocab_size=MULTIMODAL_VOCAB_SIZE, num_layers=34, d_model=2560, num_heads=8,
                        num_kv_heads=4, head_dim=256, hidden_dim=10240, sliding_window=1024,
-                       query_pre_attn_scalar=256, rope_global_scale=8.0)
+                       query_pre_attn_scalar=256, rope_global_scale=8.0, vision=SigLIPConfig())
 
 
 def gemma3_12b() -> GemmaConfig:
     return GemmaConfig(vocab_size=MULTIMODAL_VOCAB_SIZE, num_layers=48, d_model=3840, num_heads=16,
                        num_kv_heads=8, head_dim=256, hidden_dim=15360, sliding_window=1024,
-                       query_pre_attn_scalar=256, rope_global_scale=8.0)
+                       query_pre_attn_scalar=256, rope_global_scale=8.0, vision=SigLIPConfig())
 
 
 def gemma3_27b() -> GemmaConfig:
     return GemmaConfig(vocab_size=MULTIMODAL_VOCAB_SIZE, num_layers=62, d_model=5376, num_heads=32,
                        num_kv_heads=16, head_dim=128, hidden_dim=21504, sliding_window=1024,
-                       query_pre_attn_scalar=168, rope_global_scale=8.0)
+                       query_pre_attn_scalar=168, rope_global_scale=8.0, vision=SigLIPConfig())
 
 
 def tiny(**changes: Any) -> GemmaConfig:

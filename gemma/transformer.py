@@ -13,6 +13,7 @@ from gemma.attention import Attention
 from gemma.cache import Cache
 from gemma.config import GemmaConfig
 from gemma.layers import Embedder, GeGLU, RMSNorm
+from vision.siglip import VisionTower
 
 
 class Block(nnx.Module):
@@ -40,20 +41,31 @@ class Block(nnx.Module):
         return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x))), cache
 
 
-def causal_intervals(input_mask: jax.Array, window: int | None) -> tuple[jax.Array, jax.Array]:
+def causal_intervals(input_mask: jax.Array, window: int | None,
+                     block_end: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Key interval of each query for a left-padded batch.
 
     input_mask: bool [B, T], True on real tokens (padding only on the left).
     Query t sees keys j with first_real <= j <= t and, with a window W,
-    t - W < j. Padding queries get an empty interval.
+    t - W < j. Padding queries get an empty interval. `block_end` [B, T]
+    (optional) extends a query's interval forward to the end of its image
+    block: soft tokens of one image see each other in both directions.
     """
     t = jnp.arange(input_mask.shape[1], dtype=jnp.int32)[None, :]
     first_real = jnp.argmax(input_mask, axis=1).astype(jnp.int32)[:, None]
     k_start = jnp.broadcast_to(first_real, input_mask.shape)
     if window is not None:
         k_start = jnp.maximum(k_start, t - window + 1)
-    k_end = jnp.where(input_mask, t, -1)
+    end = t if block_end is None else jnp.maximum(t, block_end)
+    k_end = jnp.where(input_mask, end, -1)
     return k_start, jnp.broadcast_to(k_end, input_mask.shape)
+
+
+def image_block_end(is_soft: jax.Array) -> jax.Array:
+    """int [B, T]: for a soft token, the index of the last soft token of its contiguous block; else -1."""
+    t = jnp.arange(is_soft.shape[1], dtype=jnp.int32)
+    next_text = jax.lax.cummin(jnp.where(is_soft, is_soft.shape[1], t[None, :]), axis=1, reverse=True)
+    return jnp.where(is_soft, next_text - 1, -1)
 
 
 class Transformer(nnx.Module):
@@ -70,13 +82,27 @@ class Transformer(nnx.Module):
         self.embedder = Embedder(config.vocab_size, config.d_model, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([Block(config, t, dtype=dtype, rngs=rngs) for t in config.layer_types])
         self.final_norm = RMSNorm(config.d_model, eps=config.rms_eps, dtype=dtype)
+        self.vision = VisionTower(config.vision, config.d_model, dtype=dtype, rngs=rngs) if config.vision else None
 
-    def forward(self, tokens: jax.Array, positions: jax.Array, input_mask: jax.Array,
-                last_only: bool = False, return_hidden: bool = False) -> jax.Array:
-        """Traceable forward: tokens, positions int [B, T], input_mask bool [B, T] -> f32 logits
-        (or, with return_hidden, the final-normed hidden states [B, T, D] that the tied head reads)."""
+    def embed(self, tokens: jax.Array, images: jax.Array | None = None) -> jax.Array:
+        """Token embeddings [B, T, D]; with `images` [I, S, S, 3], the image soft tokens (in order of
+        appearance, tokens_per_image per image) take the vision tower's output, unscaled."""
         x = self.embedder.encode(tokens).astype(self.dtype)
-        intervals = {w: causal_intervals(input_mask, w) for w in {b.sliding_window for b in self.layers}}
+        if images is None:
+            return x
+        soft = self.vision(images.astype(self.dtype)).reshape(-1, x.shape[-1])  # [I * tokens_per_image, D]
+        is_soft = (tokens == self.config.image_token_id).reshape(-1)
+        index = jnp.clip(jnp.cumsum(is_soft) - 1, 0, soft.shape[0] - 1)
+        merged = jnp.where(is_soft[:, None], soft[index].astype(x.dtype), x.reshape(-1, x.shape[-1]))
+        return merged.reshape(x.shape)
+    def forward(self, tokens: jax.Array, positions: jax.Array, input_mask: jax.Array,
+                last_only: bool = False, return_hidden: bool = False, images: jax.Array | None = None) -> jax.Array:
+        """Traceable forward: tokens, positions int [B, T], input_mask bool [B, T] -> f32 logits
+        (or, with return_hidden, the final-normed hidden states [B, T, D] that the tied head reads).
+        With `images`, soft tokens take the vision tower's output and attend bidirectionally per image."""
+        x = self.embed(tokens, images)
+        block_end = None if images is None else image_block_end(tokens == self.config.image_token_id)
+        intervals = {w: causal_intervals(input_mask, w, block_end) for w in {b.sliding_window for b in self.layers}}
         for block in self.layers:
             x = block(x, positions, *intervals[block.sliding_window])
         if last_only:
@@ -109,12 +135,15 @@ class Transformer(nnx.Module):
             logits = jnp.tanh(logits / cap) * cap
         return logits
 
-    def __call__(self, tokens, *, positions=None, input_mask=None, last_only: bool = False,
+    def __call__(self, tokens, *, images=None, positions=None, input_mask=None, last_only: bool = False,
                  return_hidden: bool = False) -> jax.Array:
         """Logits of the plain causal forward.
 
         Args:
-          tokens: int [B, T] token ids in [0, vocab_size).
+          tokens: int [B, T] token ids in [0, vocab_size); each image is a contiguous
+            run of tokens_per_image `config.image_token_id` placeholders.
+          images: float32 [num_images, S, S, 3], preprocessed (vision.preprocess),
+            in order of appearance in the batch (row by row).
           positions: optional int [B, T]; default counts real tokens from 0
             (so left padding does not shift positions).
           input_mask: optional bool [B, T], True on real tokens; padding must be
@@ -133,12 +162,45 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0)
         positions = _check_like(positions, tokens, "positions").astype(jnp.int32)
-        return _jit_forward(self, tokens, positions, input_mask, last_only, return_hidden)
+        images = _check_images(images, tokens, self.config)
+        return _jit_forward(self, tokens, positions, input_mask, images, last_only, return_hidden)
 
 
 @functools.partial(nnx.jit, static_argnames=("last_only", "return_hidden"))
-def _jit_forward(model: Transformer, tokens, positions, input_mask, last_only, return_hidden):
-    return model.forward(tokens, positions, input_mask, last_only, return_hidden)
+def _jit_forward(model: Transformer, tokens, positions, input_mask, images, last_only, return_hidden):
+    return model.forward(tokens, positions, input_mask, last_only, return_hidden, images)
+
+
+def _check_images(images, tokens: jax.Array, config: GemmaConfig) -> jax.Array | None:
+    """Validates images against the model and the soft-token placeholders in `tokens`."""
+    ids = _concrete(tokens)
+    n_soft = None if ids is None else int((ids == config.image_token_id).sum())
+    if images is None:
+        if n_soft and config.vision is not None:
+            raise ValueError(f"tokens hold {n_soft} image soft tokens (id {config.image_token_id}) but no images "
+                             f"were given; pass images=[num_images, S, S, 3]")
+        return None
+    if config.vision is None:
+        raise ValueError("images were given but this model has no vision tower (text-only config)")
+    v = config.vision
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[1:] != (v.image_size, v.image_size, 3):
+        raise ValueError(f"images must be float [num_images, {v.image_size}, {v.image_size}, 3] "
+                         f"(see vision.preprocess), got shape {tuple(images.shape)}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise TypeError(f"images must be preprocessed floats in [-1, 1], got dtype {images.dtype}")
+    if n_soft is not None:
+        expected = images.shape[0] * v.tokens_per_image
+        if n_soft != expected:
+            raise ValueError(f"{images.shape[0]} image(s) need {expected} soft tokens ({v.tokens_per_image} each) "
+                             f"but tokens hold {n_soft}: more images than placeholders or fewer")
+        runs = np.diff(np.concatenate([np.zeros((ids.shape[0], 1), int), (ids == config.image_token_id).astype(int),
+                                       np.zeros((ids.shape[0], 1), int)], axis=1), axis=1)
+        lengths = np.nonzero(runs == -1)[1] - np.nonzero(runs == 1)[1]
+        if np.any(lengths != v.tokens_per_image):
+            raise ValueError(f"each image needs one contiguous run of {v.tokens_per_image} soft tokens; found runs "
+                             f"of lengths {lengths.tolist()}")
+    return images
 
 
 def _concrete(x) -> np.ndarray | None:

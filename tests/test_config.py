@@ -18,12 +18,19 @@ def text_params(v, layers, d, n, k, h, f):
     return v * d + layers * per_layer + d
 
 
+def siglip_params(d_model, width=1152, depth=27, mlp=4304, patch=14, patches=4096):
+    block = 4 * (width * width + width) + 4 * width + 2 * width * mlp + mlp + width
+    tower = patch * patch * 3 * width + width + patches * width + depth * block + 2 * width
+    return tower + width + width * d_model  # + projector norm and projection
+
+
 @pytest.mark.parametrize("name,expected", [
     ("gemma3-270m", 268_098_176),
     ("gemma3-1b", 999_885_952),
-    ("gemma3-4b", text_params(262_208, 34, 2560, 8, 4, 256, 10240)),
-    ("gemma3-12b", text_params(262_208, 48, 3840, 16, 8, 256, 15360)),
-    ("gemma3-27b", text_params(262_208, 62, 5376, 32, 16, 128, 21504)),
+    ("gemma3-4b", 4_300_079_472),  # the released gemma-3-4b's count, vision tower included
+    ("gemma3-4b", text_params(262_208, 34, 2560, 8, 4, 256, 10240) + siglip_params(2560)),
+    ("gemma3-12b", text_params(262_208, 48, 3840, 16, 8, 256, 15360) + siglip_params(3840)),
+    ("gemma3-27b", text_params(262_208, 62, 5376, 32, 16, 128, 21504) + siglip_params(5376)),
 ])
 def test_preset_parameter_counts(name, expected):
     assert param_count(C.preset(name)) == expected
@@ -58,7 +65,7 @@ HUB_4B_TEXT = {  # google/gemma-3-4b-it text_config, Hub (transformers 4.x) spel
 
 def test_from_hf_hub_style_multimodal():
     c = C.GemmaConfig.from_hf({"architectures": ["Gemma3ForConditionalGeneration"], "text_config": HUB_4B_TEXT})
-    assert c == C.gemma3_4b()  # vocab_size defaults to the 262208 rows of multimodal checkpoints
+    assert c == C.gemma3_4b().text_only()  # vocab_size defaults to the 262208 rows of multimodal checkpoints
 
 
 def test_from_hf_v5_style():
@@ -68,7 +75,7 @@ def test_from_hf_v5_style():
                                               for i in range(34)],
               rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
-    assert C.GemmaConfig.from_hf(v5) == C.gemma3_4b()
+    assert C.GemmaConfig.from_hf(v5) == C.gemma3_4b().text_only()
 
 
 def test_from_hf_fixture_files():
@@ -77,7 +84,10 @@ def test_from_hf_fixture_files():
     scaled = C.GemmaConfig.from_hf(FIXTURES / "tiny" / "scaled")
     assert (scaled.query_pre_attn_scalar, scaled.head_dim, scaled.rope_global_scale) == (24, 32, 8.0)
     mm = C.GemmaConfig.from_hf(FIXTURES / "tiny" / "window_multimodal_v5")
-    assert mm == C.GemmaConfig.from_hf(FIXTURES / "tiny" / "window")
+    assert mm.text_only().replace(image_token_id=262144, boi_token_id=255999, eoi_token_id=256000) == \
+        C.GemmaConfig.from_hf(FIXTURES / "tiny" / "window")
+    assert (mm.vision.image_size, mm.vision.patch_size, mm.vision.width, mm.vision.tokens_per_image) == (56, 14, 32, 4)
+    assert (mm.image_token_id, mm.boi_token_id, mm.eoi_token_id) == (255, 253, 254)
 
 
 def test_bad_configs():
