@@ -56,12 +56,13 @@ class Attention(nnx.Module):
         out = kernels.attention(q, k, v, k_start, k_end, scale=self.scale, softcap=self.softcap, impl=self.impl)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...])
 
-    def extend(self, x: jax.Array, positions: jax.Array, cache: LayerCache, length: jax.Array,
+    def extend(self, x: jax.Array, positions: jax.Array, k_end: jax.Array, cache: LayerCache, length: jax.Array,
                window: int | None) -> tuple[jax.Array, LayerCache]:
         """Attention of a chunk over the cache plus itself, then the chunk is written.
 
-        x [B, T, D]; positions int [B, T] (negative on padding); `length` [B]:
-        tokens already in the cache. A single decode token is written first and
+        x [B, T, D]; positions int [B, T] (negative on padding); k_end [B, T]: the
+        last position each query sees (its own, or its image block's end; -1 on
+        padding); `length` [B]: tokens already in the cache. A single decode token is written first and
         attends over the cache alone (its ring slot held position p - W, which
         the window excludes); a longer chunk attends over cache + chunk keys
         before writing, so chunks longer than the ring are exact.
@@ -69,7 +70,6 @@ class Attention(nnx.Module):
         q = self.project_q(x, positions)
         k, v = self.project_kv(x, positions)
         valid = positions >= 0
-        k_end = jnp.where(valid, positions, -1)
         k_start = positions - window + 1 if window is not None else jnp.zeros_like(positions)
         new_cache = cache.write(k, v, positions)
         if x.shape[1] == 1:

@@ -54,26 +54,33 @@ class ChatSampler:
     def cache(self):
         return self._cache
 
-    def send(self, message: str, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, stop: Sequence[str] | None = None) -> str:
-        """Adds a user turn and returns the model's reply text."""
+    def send(self, message, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, stop: Sequence[str] | None = None, images=None) -> str:
+        """Adds a user turn and returns the model's reply text. `message` is text (with a
+        `<start_of_image>` marker per image in `images`) or a list mixing text and images."""
         return "".join(self.stream(message, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, seed=seed, stop=stop))
+                                   top_p=top_p, seed=seed, stop=stop, images=images))
 
-    def stream(self, message: str, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int = 0, stop: Sequence[str] | None = None) -> Iterator[str]:
+    def stream(self, message, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int = 0, stop: Sequence[str] | None = None,
+               images=None) -> Iterator[str]:
         """Like `send`, yielding the reply piece by piece."""
-        if not isinstance(message, str) or not message.strip():
-            raise ValueError("message must be a non-empty string")
+        parts = [message] if isinstance(message, str) else list(message)
+        if not any(isinstance(p, str) and p.strip() for p in parts) and not images and all(
+                isinstance(p, str) for p in parts):
+            raise ValueError("message must be a non-empty string (or a list mixing text and images)")
         params = SamplingParams(temperature, top_k, top_p)
         first = self._cache is None
-        new = self.tokenizer.encode(format_turn(message, first=first, system=self.system), add_bos=first)
+        opening, closing = format_turn("\0", first=first, system=self.system).split("\0")
+        new, pixels = self.sampler.prepare([opening, *parts, closing] if not isinstance(message, str)
+                                           else opening + message + closing, images, add_bos=first)
         self.sampler._check_room([len(new)], max_new_tokens, used=len(self.tokens))
         cache = self.sampler.new_cache(1) if first else self._cache
         self._cache = None  # donated to the prefill; restored when the reply is done
-        logits, cache = self.sampler.prefill([new], cache)
+        logits, cache = self.sampler.prefill([new], cache, pixels)
         self.tokens += new
-        self.history.append({"role": USER, "text": message})
+        self.history.append({"role": USER, "text": message if isinstance(message, str) else
+                             "".join(p if isinstance(p, str) else "<start_of_image>" for p in parts)})
         reply: list[str] = []
 
         def done(ids, cache):

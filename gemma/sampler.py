@@ -79,9 +79,9 @@ def sample_logits(logits: jax.Array, key: jax.Array, params: SamplingParams) -> 
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def _extend(graphdef, state, tokens, positions, cache):
+def _extend(graphdef, state, tokens, positions, cache, images=None):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.extend(tokens, positions, cache, last_only=True)
+    logits, cache = model.extend(tokens, positions, cache, last_only=True, images=images)
     return logits[:, 0], cache
 
 
@@ -141,6 +141,42 @@ class Sampler:
         self._graphdef, self._state = nnx.split(model)
 
     # ------------------------------------------------------------------ pieces
+    def prepare(self, prompt, images=None, add_bos: bool = True) -> tuple[list[int], np.ndarray | None]:
+        """Token ids and preprocessed pixels [I, S, S, 3] (or None) of one prompt.
+
+        A prompt is text (with a `<start_of_image>` marker per image, the images
+        passed in `images`), a list of token ids, or a list mixing text and images
+        (PIL images or uint8 arrays). Each image becomes "\\n\\n", <start_of_image>,
+        tokens_per_image soft tokens, <end_of_image>, "\\n\\n".
+        """
+        c = self.config
+        if isinstance(prompt, (list, tuple)) and any(not isinstance(p, (str, int, np.integer)) for p in prompt):
+            if images:
+                raise ValueError("give images either inside the prompt list or in images=, not both")
+            images = [p for p in prompt if not isinstance(p, str)]
+            ids = [self.tokenizer.bos_id] if add_bos else []
+            for part in prompt:
+                ids += self.tokenizer.encode(part, add_bos=False) if isinstance(part, str) else [c.boi_token_id]
+        else:
+            ids = self.encode_prompt(prompt, add_bos)
+        images = list(images or [])
+        markers = ids.count(c.boi_token_id)
+        if not images and not markers:
+            return ids, None
+        if c.vision is None:
+            raise ValueError("this model has no vision tower: it cannot take images")
+        if markers != len(images):
+            raise ValueError(f"the prompt has {markers} <start_of_image> marker(s) but {len(images)} image(s) were given")
+        from vision import preprocess
+
+        newline = self.tokenizer.encode("\n\n", add_bos=False)
+        block = newline + [c.boi_token_id] + [c.image_token_id] * c.vision.tokens_per_image + [c.eoi_token_id] + newline
+        expanded = []
+        for i in ids:
+            expanded += block if i == c.boi_token_id else [i]
+        pixels = np.stack([preprocess(im, c.vision.image_size) for im in images])
+        return expanded, pixels
+
     def encode_prompt(self, prompt: str | Sequence[int], add_bos: bool = True) -> list[int]:
         """Token ids of a text prompt (with <bos>) or a list of ids, checked against the model's vocabulary."""
         if isinstance(prompt, str):
@@ -157,11 +193,14 @@ class Sampler:
     def new_cache(self, batch_size: int, max_len: int | None = None) -> Cache:
         return init_cache(self.config, batch_size, max_len or self.max_len, self.cache_dtype)
 
-    def prefill(self, rows: Sequence[Sequence[int]], cache: Cache) -> tuple[jax.Array, Cache]:
+    def prefill(self, rows: Sequence[Sequence[int]], cache: Cache,
+                images: np.ndarray | None = None) -> tuple[jax.Array, Cache]:
         """Appends `rows` (one id list per cache row) to the cache; returns last logits [B, V] and the cache.
 
         Rows are left-padded to a common bucket length and fed in chunks of
-        `prefill_chunk`; every row's last token lands in the last column.
+        `prefill_chunk`; every row's last token lands in the last column. With
+        `images` (all images of all rows, in order) the rows go in one chunk, so
+        no image block is ever split between chunks.
         """
         lengths = np.asarray([len(r) for r in rows])
         width = _bucket(int(lengths.max()), self.prefill_chunk)
@@ -173,10 +212,12 @@ class Sampler:
         start = np.asarray(cache.length)[:, None]
         positions = np.where(offsets >= 0, start + offsets, -1).astype(np.int32)
         logits = None
-        for c in range(0, width, min(width, self.prefill_chunk)):
-            sl = slice(c, c + min(width, self.prefill_chunk))
+        chunk = width if images is not None else min(width, self.prefill_chunk)
+        for c in range(0, width, chunk):
+            sl = slice(c, c + chunk)
             logits, cache = _extend(self._graphdef, self._state, jnp.asarray(tokens[:, sl]),
-                                    jnp.asarray(positions[:, sl]), cache)
+                                    jnp.asarray(positions[:, sl]), cache,
+                                    None if images is None else jnp.asarray(images))
         return logits, cache
 
     def _check_room(self, prompt_lengths: Sequence[int], max_new_tokens: int, used: int = 0) -> None:
@@ -203,24 +244,32 @@ class Sampler:
     # ------------------------------------------------------------------ public
     def generate(self, prompt_or_prompts: str | Sequence[str], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int = 0, stop: Sequence[str] | None = None) -> SamplerOutput:
-        """Continues one prompt (str, or a list of token ids) or a batch (list of them) of any lengths.
+                 seed: int = 0, stop: Sequence[str] | None = None, images=None) -> SamplerOutput:
+        """Continues one prompt (str, a list of token ids, or a list mixing text and images) or a batch
+        (list of them) of any lengths. `images`: the images of the `<start_of_image>` markers of one
+        prompt, or one list per prompt of a batch.
 
         temperature 0 is greedy. Generation of a row ends at <eos>, <end_of_turn>,
         a `stop` string (cut before it) or after `max_new_tokens`.
         """
-        single = isinstance(prompt_or_prompts, str) or (
-            len(prompt_or_prompts) > 0 and isinstance(prompt_or_prompts[0], (int, np.integer)))
+        single = isinstance(prompt_or_prompts, str) or (len(prompt_or_prompts) > 0 and any(
+            not isinstance(p, (str, list, tuple)) for p in prompt_or_prompts))
         prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
         if not prompts:
             raise ValueError("no prompts given")
         params = SamplingParams(temperature, top_k, top_p)
-        rows = [self.encode_prompt(p) for p in prompts]
+        per_prompt = [images] if single else (list(images) if images is not None else [None] * len(prompts))
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"images must hold one list per prompt ({len(prompts)}), got {len(per_prompt)}")
+        prepared = [self.prepare(p, im) for p, im in zip(prompts, per_prompt)]
+        rows = [ids for ids, _ in prepared]
+        pixels = [px for _, px in prepared if px is not None]
+        pixels = np.concatenate(pixels) if pixels else None
         self._check_room([len(r) for r in rows], max_new_tokens)
         steps = _bucket(max_new_tokens, 1 << 30)
         cache_len = min(self.max_len, _bucket(max(map(len, rows)), self.prefill_chunk) + steps)
         cache = self.new_cache(len(rows), cache_len)
-        logits, cache = self.prefill(rows, cache)
+        logits, cache = self.prefill(rows, cache, pixels)
         out, _ = _decode_loop(self._graphdef, self._state, cache, logits, jax.random.key(seed),
                               jnp.asarray(self.stop_ids, jnp.int32), params, steps, jnp.int32(max_new_tokens),
                               jnp.zeros((len(rows),), bool))
@@ -233,14 +282,15 @@ class Sampler:
             return SamplerOutput(results[0][1], results[0][0])
         return SamplerOutput([t for _, t in results], [i for i, _ in results])
 
-    def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int = 0, stop: Sequence[str] | None = None) -> Iterator[str]:
+    def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int = 0, stop: Sequence[str] | None = None,
+               images=None) -> Iterator[str]:
         """Yields the continuation of `prompt` piece by piece (whole UTF-8 characters only)."""
         params = SamplingParams(temperature, top_k, top_p)
-        row = self.encode_prompt(prompt)
+        row, pixels = self.prepare(prompt, images)
         self._check_room([len(row)], max_new_tokens)
         cache = self.new_cache(1, min(self.max_len, _bucket(len(row), self.prefill_chunk) + max_new_tokens))
-        logits, cache = self.prefill([row], cache)
+        logits, cache = self.prefill([row], cache, pixels)
         yield from self.stream_from(logits, cache, max_new_tokens, params, seed, stop)
 
     def stream_from(self, logits: jax.Array, cache: Cache, max_new_tokens: int, params: SamplingParams,

@@ -116,3 +116,100 @@ def test_image_count_errors(mm):
     split = tokens.at[0, 6].set(5).at[1, 12].set(io["image_token_id"])
     with pytest.raises(ValueError, match="contiguous run"):
         model(split, images=pixels)
+
+
+# ------------------------------------------------------------------ two images, cached decode (HF fixture)
+TWO = dict(np.load(FIXTURES / "multimodal" / "two_images.npz"))
+
+
+def test_two_images_in_one_prompt(mm):
+    model, _ = mm
+    pixels = nhwc(TWO["pixel_values"])
+    np.testing.assert_allclose(model.vision(pixels), TWO["image_features"], atol=1e-5)
+    assert np.abs(TWO["logits"] - TWO["logits_causal"]).max() > 1.0
+    np.testing.assert_allclose(model(jnp.asarray(TWO["input_ids"]), images=pixels), TWO["logits"], atol=2e-4)
+
+
+def test_cached_prefill_with_images_then_decode(mm, tokenizer_270m):
+    from gemma.sampler import Sampler
+
+    model, _ = mm
+    sampler = Sampler(model, tokenizer_270m, max_len=64, prefill_chunk=8)  # chunk < prompt: images force one chunk
+    ids = TWO["input_ids"].tolist()
+    logits, cache = sampler.prefill(ids, sampler.new_cache(2, 64), np.asarray(nhwc(TWO["pixel_values"])))
+    np.testing.assert_allclose(logits, TWO["logits"][:, -1], atol=2e-4)
+    for step in range(TWO["decode_tokens"].shape[1]):
+        logits, cache = sampler.prefill(TWO["decode_tokens"][:, step:step + 1].tolist(), cache)
+        np.testing.assert_allclose(logits, TWO["decode_logits"][:, step], atol=2e-4)
+
+
+def test_sampler_expands_image_markers(mm, tokenizer_270m):
+    from gemma.sampler import Sampler
+
+    model, _ = mm
+    sampler = Sampler(model, tokenizer_270m, max_len=64)
+    image = (np.arange(56 * 56 * 3) % 251).astype(np.uint8).reshape(56, 56, 3)
+    ids, pixels = sampler.prepare([2, 17, model.config.boi_token_id, 9], [image])
+    newline = tokenizer_270m.encode("\n\n", add_bos=False)
+    assert ids == [2, 17, *newline, 253, 255, 255, 255, 255, 254, *newline, 9]
+    assert pixels.shape == (1, 56, 56, 3)
+    mixed, mixed_pixels = sampler.prepare(["", image], add_bos=True)
+    assert mixed == [2, *newline, 253, 255, 255, 255, 255, 254, *newline]
+    np.testing.assert_array_equal(mixed_pixels, pixels)
+    with pytest.raises(ValueError, match="1 <start_of_image> marker"):
+        sampler.prepare([2, 17, 253, 9], [image, image])
+    out = sampler.generate([2, 17, 253, 9], images=[image], max_new_tokens=3)
+    assert len(out.tokens) == 3
+
+
+# ------------------------------------------------------------------ preprocessing and Pan & Scan (HF fixtures)
+import json  # noqa: E402
+
+import vision  # noqa: E402
+
+PRE = dict(np.load(FIXTURES / "multimodal" / "preprocess.npz"))
+IMAGES = FIXTURES / "multimodal" / "images"
+
+
+@pytest.mark.parametrize("name", sorted(PRE))
+def test_preprocess_matches_hf(name):
+    ours = vision.preprocess(IMAGES / name, image_size=56)
+    assert ours.dtype == np.float32 and ours.shape == (56, 56, 3)
+    np.testing.assert_allclose(ours, PRE[name].transpose(1, 2, 0), atol=2 / 255 + 1e-6)  # one uint8 step of [-1, 1]
+
+
+def test_preprocess_inputs(tmp_path):
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    from_array = vision.preprocess(rgb, 28)
+    assert from_array.min() >= -1 and from_array.max() <= 1
+    np.testing.assert_array_equal(from_array, vision.preprocess(Image.fromarray(rgb), 28))
+    assert vision.preprocess(np.zeros((1, 1, 3), np.uint8), 28).shape == (28, 28, 3)  # 1x1 is resized, not an error
+    sixteen = Image.fromarray(np.full((8, 8), 65535, np.uint16))
+    np.testing.assert_allclose(vision.preprocess(sixteen, 14), 1.0)  # 16-bit white stays white
+    path = tmp_path / "x.png"
+    Image.fromarray(rgb).save(path)
+    path.with_name("cut.png").write_bytes(path.read_bytes()[:60])
+    with pytest.raises(ValueError, match="cannot read image"):
+        vision.preprocess(path.with_name("cut.png"))
+    path.with_name("junk.png").write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="cannot read image"):
+        vision.preprocess(path.with_name("junk.png"))
+    with pytest.raises(TypeError, match="uint8"):
+        vision.preprocess(rgb.astype(np.float32))
+
+
+def test_pan_and_scan_matches_hf():
+    ref = json.loads((FIXTURES / "multimodal" / "pan_and_scan.json").read_text())
+    assert ref["original_image_first"]
+    for case in ref["cases"]:
+        w, h = case["width"], case["height"]
+        image = np.zeros((h, w, 3), np.uint8)
+        image[..., 0] = (np.arange(w) % 256)[None, :]
+        image[..., 1] = (np.arange(h) % 256)[:, None]
+        image[..., 2] = ((np.arange(w)[None, :] // 256 + 16 * (np.arange(h)[:, None] // 256)) % 256)
+        crops = vision.pan_and_scan(image)
+        assert len(crops) == case["num_crops"], (w, h)
+        for crop, (x0, y0, x1, y1) in zip(crops, case["boxes_x0_y0_x1_y1"]):
+            np.testing.assert_array_equal(np.asarray(crop), image[y0:y1, x0:x1])
