@@ -39,7 +39,7 @@ def copy_with_keys(src, dst, rename):
 
 # ------------------------------------------------------------------ HF layouts
 def test_multimodal_v5_file_text_only(tmp_path):
-    model = checkpoints.load(MULTIMODAL)
+    model = checkpoints.load(MULTIMODAL, text_only=True)
     np.testing.assert_allclose(model(jnp.asarray(io()["input_ids"])), io()["logits"], atol=2e-4)
 
 
@@ -55,7 +55,11 @@ def test_multimodal_layouts(tmp_path, layout):
         return key
 
     d = copy_with_keys(MULTIMODAL, tmp_path / layout, rename)
-    np.testing.assert_allclose(checkpoints.load(d)(jnp.asarray(io()["input_ids"])), io()["logits"], atol=2e-4)
+    text = checkpoints.load(d, text_only=True)
+    np.testing.assert_allclose(text(jnp.asarray(io()["input_ids"])), io()["logits"], atol=2e-4)
+    mm, ref = checkpoints.load(d), io(MULTIMODAL)
+    logits = mm(jnp.asarray(ref["mm_input_ids"]), images=jnp.asarray(ref["mm_pixel_values"].transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(logits, ref["mm_logits"], atol=2e-4)
 
 
 def test_sharded_safetensors(tmp_path):

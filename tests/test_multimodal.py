@@ -213,3 +213,20 @@ def test_pan_and_scan_matches_hf():
         assert len(crops) == case["num_crops"], (w, h)
         for crop, (x0, y0, x1, y1) in zip(crops, case["boxes_x0_y0_x1_y1"]):
             np.testing.assert_array_equal(np.asarray(crop), image[y0:y1, x0:x1])
+
+
+def test_chat_turn_with_an_image(mm, tokenizer_270m):
+    from gemma.chat import ChatSampler
+
+    model, _ = mm
+    image = (np.arange(30 * 20 * 3) % 256).astype(np.uint8).reshape(30, 20, 3)
+    chat = ChatSampler(model, tokenizer_270m, max_len=96)
+    chat.send(["Look:", image], max_new_tokens=3)
+    c = model.config
+    assert chat.tokens.count(c.image_token_id) == c.vision.tokens_per_image
+    assert int(chat.cache.length[0]) == len(chat.tokens) and chat.history[0]["text"] == "Look:<start_of_image>"
+    # the kept cache (image prefilled in turn 1) equals a fresh prefill of the dialog with the same image
+    s = chat.sampler
+    kept, _ = s.prefill([[9]], chat.cache)
+    fresh, _ = s.prefill([chat.tokens + [9]], s.new_cache(1, 96), vision.preprocess(image, 56)[None])
+    np.testing.assert_allclose(kept, fresh, atol=2e-4, rtol=0)
