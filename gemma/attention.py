@@ -9,7 +9,8 @@ from flax import nnx
 import kernels
 from gemma.cache import EMPTY, LayerCache
 from gemma.config import GemmaConfig
-from gemma.layers import RMSNorm, _init, rope
+from gemma.layers import RMSNorm, rope
+from vision.siglip import normal_init
 
 
 class Attention(nnx.Module):
@@ -30,10 +31,10 @@ class Attention(nnx.Module):
             self.rope_base, self.rope_scale = c.rope_global_base, c.rope_global_scale
         else:
             self.rope_base, self.rope_scale = c.rope_local_base, 1.0
-        self.q_proj = nnx.Param(_init(rngs, (c.d_model, c.num_heads, c.head_dim), dtype))
-        self.k_proj = nnx.Param(_init(rngs, (c.d_model, c.num_kv_heads, c.head_dim), dtype))
-        self.v_proj = nnx.Param(_init(rngs, (c.d_model, c.num_kv_heads, c.head_dim), dtype))
-        self.o_proj = nnx.Param(_init(rngs, (c.num_heads, c.head_dim, c.d_model), dtype))
+        self.q_proj = nnx.Param(normal_init(rngs, (c.d_model, c.num_heads, c.head_dim), dtype))
+        self.k_proj = nnx.Param(normal_init(rngs, (c.d_model, c.num_kv_heads, c.head_dim), dtype))
+        self.v_proj = nnx.Param(normal_init(rngs, (c.d_model, c.num_kv_heads, c.head_dim), dtype))
+        self.o_proj = nnx.Param(normal_init(rngs, (c.num_heads, c.head_dim, c.d_model), dtype))
         self.q_norm = RMSNorm(c.head_dim, eps=c.rms_eps, dtype=dtype)
         self.k_norm = RMSNorm(c.head_dim, eps=c.rms_eps, dtype=dtype)
 

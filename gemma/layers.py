@@ -10,9 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-def _init(rngs: nnx.Rngs, shape, dtype, scale: float = 0.02) -> jax.Array:
-    return (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+from vision.siglip import normal_init
 
 
 class RMSNorm(nnx.Module):
@@ -32,7 +30,7 @@ class Embedder(nnx.Module):
     """Token embedding table E [V, D], tied to the output head."""
 
     def __init__(self, vocab_size: int, d_model: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(_init(rngs, (vocab_size, d_model), dtype))
+        self.embedding = nnx.Param(normal_init(rngs, (vocab_size, d_model), dtype))
 
     def encode(self, tokens: jax.Array) -> jax.Array:
         """int [B, T] -> [B, T, D], scaled by sqrt(D) cast to the table's dtype."""
@@ -49,9 +47,9 @@ class GeGLU(nnx.Module):
     """down(gelu_tanh(x @ gate) * (x @ up))."""
 
     def __init__(self, d_model: int, hidden_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.gate_proj = nnx.Param(_init(rngs, (d_model, hidden_dim), dtype))
-        self.up_proj = nnx.Param(_init(rngs, (d_model, hidden_dim), dtype))
-        self.down_proj = nnx.Param(_init(rngs, (hidden_dim, d_model), dtype))
+        self.gate_proj = nnx.Param(normal_init(rngs, (d_model, hidden_dim), dtype))
+        self.up_proj = nnx.Param(normal_init(rngs, (d_model, hidden_dim), dtype))
+        self.down_proj = nnx.Param(normal_init(rngs, (hidden_dim, d_model), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...])

@@ -12,7 +12,8 @@ from flax import nnx
 from vision.config import SigLIPConfig
 
 
-def _init(rngs: nnx.Rngs, shape, dtype, scale: float = 0.02) -> jax.Array:
+def normal_init(rngs: nnx.Rngs, shape, dtype, scale: float = 0.02) -> jax.Array:
+    """N(0, scale^2) parameters, drawn in f32 and cast (the random init of every matrix here and in gemma)."""
     return (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
@@ -36,18 +37,18 @@ class EncoderBlock(nnx.Module):
     def __init__(self, c: SigLIPConfig, *, dtype, rngs: nnx.Rngs):
         h = c.width // c.num_heads
         self.layer_norm1 = LayerNorm(c.width, c.eps, dtype)
-        self.q_proj = nnx.Param(_init(rngs, (c.width, c.num_heads, h), dtype))
-        self.k_proj = nnx.Param(_init(rngs, (c.width, c.num_heads, h), dtype))
-        self.v_proj = nnx.Param(_init(rngs, (c.width, c.num_heads, h), dtype))
+        self.q_proj = nnx.Param(normal_init(rngs, (c.width, c.num_heads, h), dtype))
+        self.k_proj = nnx.Param(normal_init(rngs, (c.width, c.num_heads, h), dtype))
+        self.v_proj = nnx.Param(normal_init(rngs, (c.width, c.num_heads, h), dtype))
         self.q_bias = nnx.Param(jnp.zeros((c.num_heads, h), dtype))
         self.k_bias = nnx.Param(jnp.zeros((c.num_heads, h), dtype))
         self.v_bias = nnx.Param(jnp.zeros((c.num_heads, h), dtype))
-        self.o_proj = nnx.Param(_init(rngs, (c.num_heads, h, c.width), dtype))
+        self.o_proj = nnx.Param(normal_init(rngs, (c.num_heads, h, c.width), dtype))
         self.o_bias = nnx.Param(jnp.zeros((c.width,), dtype))
         self.layer_norm2 = LayerNorm(c.width, c.eps, dtype)
-        self.fc1 = nnx.Param(_init(rngs, (c.width, c.mlp_dim), dtype))
+        self.fc1 = nnx.Param(normal_init(rngs, (c.width, c.mlp_dim), dtype))
         self.fc1_bias = nnx.Param(jnp.zeros((c.mlp_dim,), dtype))
-        self.fc2 = nnx.Param(_init(rngs, (c.mlp_dim, c.width), dtype))
+        self.fc2 = nnx.Param(normal_init(rngs, (c.mlp_dim, c.width), dtype))
         self.fc2_bias = nnx.Param(jnp.zeros((c.width,), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -69,9 +70,9 @@ class SigLIPEncoder(nnx.Module):
 
     def __init__(self, c: SigLIPConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = c
-        self.patch_embedding = nnx.Param(_init(rngs, (c.patch_size, c.patch_size, 3, c.width), dtype))
+        self.patch_embedding = nnx.Param(normal_init(rngs, (c.patch_size, c.patch_size, 3, c.width), dtype))
         self.patch_bias = nnx.Param(jnp.zeros((c.width,), dtype))
-        self.position_embedding = nnx.Param(_init(rngs, (c.num_patches, c.width), dtype))
+        self.position_embedding = nnx.Param(normal_init(rngs, (c.num_patches, c.width), dtype))
         self.layers = nnx.List([EncoderBlock(c, dtype=dtype, rngs=rngs) for _ in range(c.depth)])
         self.post_layernorm = LayerNorm(c.width, c.eps, dtype)
 
@@ -93,7 +94,7 @@ class Projector(nnx.Module):
     def __init__(self, c: SigLIPConfig, d_model: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = c
         self.norm_scale = nnx.Param(jnp.zeros((c.width,), dtype))
-        self.projection = nnx.Param(_init(rngs, (c.width, d_model), dtype))
+        self.projection = nnx.Param(normal_init(rngs, (c.width, d_model), dtype))
 
     def __call__(self, features: jax.Array) -> jax.Array:
         c = self.config
