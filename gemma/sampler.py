@@ -111,6 +111,11 @@ def _decode_loop(graphdef, state, cache, logits, key, stop_ids, params, steps, m
     return out, cache
 
 
+def first_stop(text: str, stop: Sequence[str]) -> int:
+    """Index in `text` of the earliest occurrence of any stop string, or -1."""
+    return min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+
+
 def _bucket(n: int, chunk: int) -> int:
     if n <= chunk:
         return max(_MIN_BUCKET, 1 << (n - 1).bit_length())
@@ -233,12 +238,11 @@ class Sampler:
         text = self.tokenizer.decode(ids)
         if not stop:
             return ids, text
-        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+        cut = first_stop(text, stop)
         if cut < 0:
             return ids, text
         text = text[:cut]
-        n = next(n for n in range(len(ids) + 1) if self.tokenizer.decode(ids[:n]).startswith(text)
-                 and len(self.tokenizer.decode(ids[:n])) >= len(text))
+        n = next(n for n in range(len(ids) + 1) if self.tokenizer.decode(ids[:n]).startswith(text))
         return ids[:n], text
 
     # ------------------------------------------------------------------ public
@@ -334,7 +338,7 @@ class IncrementalText:
     def push(self, token: int) -> str:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        cut = first_stop(text, self.stop)
         if cut >= 0:
             self.stopped, text = True, text[:cut]
         elif text.endswith("\ufffd"):  # a partial UTF-8 character (byte-fallback pieces): wait
