@@ -11,6 +11,8 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
+    from kernels import IMPLS
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="gemma3-270m",
                         help="'gemma3-270m' (bundled), a .gguf file, an HF safetensors dir or an orbax dir")
@@ -20,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--top-p", type=float, default=None)
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    common.add_argument("--attention-impl", default="auto",
+                        choices=("auto",) + IMPLS,
+                        help="kernels.attention implementation (auto: Pallas on TPU/GPU, XLA on CPU)")
     p = argparse.ArgumentParser(prog="python -m gemma", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        model = checkpoints.load(args.model, dtype=jnp.dtype(args.dtype))
+        model = checkpoints.load(args.model, dtype=jnp.dtype(args.dtype)).with_attention_impl(args.attention_impl)
         tokenizer = checkpoints.load_tokenizer(args.model)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

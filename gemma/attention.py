@@ -27,6 +27,7 @@ class Attention(nnx.Module):
         self.scale = c.query_pre_attn_scalar ** -0.5
         self.softcap = c.attn_logit_softcap
         self.impl = c.attention_impl
+        self.window = c.sliding_window if layer_type == "local" else None
         if layer_type == "global":
             self.rope_base, self.rope_scale = c.rope_global_base, c.rope_global_scale
         else:
@@ -50,11 +51,16 @@ class Attention(nnx.Module):
         q = self.q_norm(jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...]))
         return rope(q, positions, base=self.rope_base, scale=self.rope_scale)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, k_start: jax.Array, k_end: jax.Array) -> jax.Array:
-        """x [B, T, D]; positions int [B, T]; key interval [k_start, k_end] per query, int [B, T]."""
+    def __call__(self, x: jax.Array, positions: jax.Array, k_start: jax.Array, k_end: jax.Array,
+                 lookahead: int = 0) -> jax.Array:
+        """x [B, T, D]; positions int [B, T]; key interval [k_start, k_end] per query, int [B, T].
+
+        `lookahead` (static): how far past itself a query may see (image blocks); 0 is causal.
+        """
         q = self.project_q(x, positions)
         k, v = self.project_kv(x, positions)
-        out = kernels.attention(q, k, v, k_start, k_end, scale=self.scale, softcap=self.softcap, impl=self.impl)
+        out = kernels.attention(q, k, v, k_start, k_end, scale=self.scale, softcap=self.softcap, impl=self.impl,
+                                window=self.window, lookahead=lookahead)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...])
 
     def extend(self, x: jax.Array, positions: jax.Array, k_end: jax.Array, cache: LayerCache, length: jax.Array,

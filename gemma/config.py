@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any, Literal
 
+import kernels
 from vision.config import SigLIPConfig
 
 LayerType = Literal["local", "global"]
@@ -62,7 +63,7 @@ class GemmaConfig:
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
     max_context: int = 131_072
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     vision: SigLIPConfig | None = None
     image_token_id: int = 262_144
     boi_token_id: int = 255_999
@@ -90,6 +91,8 @@ class GemmaConfig:
         bad = [t for t in self.layer_types if t not in ("local", "global")]
         if bad:
             problems.append(f"layer_types entries must be 'local' or 'global', got {sorted(set(bad))}")
+        if self.attention_impl not in kernels.IMPLS + ("auto",):
+            problems.append(f"attention_impl must be one of {kernels.IMPLS + ('auto',)}, got {self.attention_impl!r}")
         if problems:
             raise ValueError("invalid GemmaConfig: " + "; ".join(problems))
 

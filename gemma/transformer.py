@@ -30,8 +30,8 @@ class Block(nnx.Module):
         self.mlp = GeGLU(c.d_model, c.hidden_dim, dtype=dtype, rngs=rngs)
         self.post_ffw_norm = RMSNorm(c.d_model, eps=c.rms_eps, dtype=dtype)
 
-    def __call__(self, x, positions, k_start, k_end):
-        x = x + self.post_attention_norm(self.attn(self.pre_attention_norm(x), positions, k_start, k_end))
+    def __call__(self, x, positions, k_start, k_end, lookahead: int = 0):
+        x = x + self.post_attention_norm(self.attn(self.pre_attention_norm(x), positions, k_start, k_end, lookahead))
         return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
 
     def extend(self, x, positions, k_end, cache, length):
@@ -84,6 +84,17 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(config.d_model, eps=config.rms_eps, dtype=dtype)
         self.vision = VisionTower(config.vision, config.d_model, dtype=dtype, rngs=rngs) if config.vision else None
 
+    def with_attention_impl(self, impl: str) -> "Transformer":
+        """The same model (parameters shared, not copied) running attention through `impl`
+        (one of kernels.IMPLS or "auto")."""
+        config = self.config.replace(attention_impl=impl)
+        graphdef, state = nnx.split(self)
+        model = nnx.merge(graphdef, state)
+        model.config = config
+        for block in model.layers:
+            block.attn.impl = impl
+        return model
+
     def embed(self, tokens: jax.Array, images: jax.Array | None = None) -> jax.Array:
         """Token embeddings [B, T, D]; with `images` [I, S, S, 3], the image soft tokens (in order of
         appearance, tokens_per_image per image) take the vision tower's output, unscaled."""
@@ -103,8 +114,9 @@ class Transformer(nnx.Module):
         x = self.embed(tokens, images)
         block_end = None if images is None else image_block_end(tokens == self.config.image_token_id)
         intervals = {w: causal_intervals(input_mask, w, block_end) for w in {b.sliding_window for b in self.layers}}
+        lookahead = 0 if images is None else self.config.vision.tokens_per_image - 1
         for block in self.layers:
-            x = block(x, positions, *intervals[block.sliding_window])
+            x = block(x, positions, *intervals[block.sliding_window], lookahead)
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)

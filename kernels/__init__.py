@@ -1,7 +1,18 @@
 """Attention kernels. One entry point, `attention`, over per-query key intervals.
 
 `kernels` knows nothing of models: it takes q, k, v and the interval of keys
-each query may see.
+each query may see. Implementations:
+
+  xla         the reference (kernels.reference); with a `window` hint on a long
+              self-attention it runs banded (kernels.banded), O(T * W)
+  pallas_tpu  flash attention in Pallas/Mosaic for TPU, forward and backward
+  pallas_gpu  flash attention in Pallas/Triton for GPU, forward and backward;
+              decode steps (T == 1) go to the split-K decode kernel (kernels.decode)
+  splash      jax's TPU splash attention (band masks only)
+  cudnn       jax.nn.dot_product_attention through cuDNN (band masks only)
+  auto        pallas_tpu on TPU, pallas_gpu on GPU, xla on CPU
+
+On a CPU backend the Pallas implementations run in interpret mode.
 """
 
 from __future__ import annotations
@@ -10,7 +21,19 @@ import jax
 
 from kernels import reference
 
-IMPLS = ("xla",)
+IMPLS = ("xla", "pallas_tpu", "pallas_gpu", "splash", "cudnn")
+BAND_ONLY = ("splash", "cudnn")  # need the plain causal/window mask: a `window` hint and lookahead 0
+BANDED_MIN_LEN = 4  # the banded XLA path pays off once T spans this many windows
+
+
+def resolve(impl: str, platform: str | None = None) -> str:
+    """The concrete implementation "auto" stands for on `platform` (default: the default backend)."""
+    if impl != "auto":
+        if impl not in IMPLS:
+            raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS + ('auto',)}")
+        return impl
+    platform = platform or jax.default_backend()
+    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}.get(platform, "xla")
 
 
 def attention(
@@ -23,10 +46,19 @@ def attention(
     scale: float | None = None,
     softcap: float | None = None,
     k_pos: jax.Array | None = None,
-    impl: str = "xla",
+    impl: str = "auto",
+    window: int | None = None,
+    lookahead: int | None = None,
 ) -> jax.Array:
     """Attention of q [B, T, N, H] over k, v [B, S, K, H]; query (b, t) sees keys s with
-    k_start[b, t] <= k_pos[b, s] <= k_end[b, t] (k_pos defaults to s). `scale` defaults to H ** -0.5."""
+    k_start[b, t] <= k_pos[b, s] <= k_end[b, t] (k_pos defaults to s). `scale` defaults to H ** -0.5.
+
+    `window` and `lookahead` are optional static promises about self-attention
+    (S == T, no k_pos): every query t only sees keys in [t - window + 1, t + lookahead]
+    (lookahead 0: causal). They let the band paths run: the banded XLA
+    fallback, and splash / cudnn, which serve only the plain causal/window mask
+    (lookahead must be 0; padding rows are those with an empty interval).
+    """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects q [B,T,N,H] and k, v [B,S,K,H]; got {q.shape}, {k.shape}, {v.shape}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
@@ -37,8 +69,34 @@ def attention(
         raise ValueError(f"k_start/k_end must be [B, T] = {q.shape[:2]}; got {k_start.shape}, {k_end.shape}")
     if k_pos is not None and k_pos.shape != k.shape[:2]:
         raise ValueError(f"k_pos must be [B, S] = {k.shape[:2]}; got {k_pos.shape}")
+    band = k_pos is None and q.shape[1] == k.shape[1]
+    if (window is not None or lookahead is not None) and not band:
+        raise ValueError("window/lookahead hints apply to self-attention only (S == T, no k_pos)")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if impl in ("xla", "auto"):
-        return reference.attention(q, k, v, k_start, k_end, scale=scale, softcap=softcap, k_pos=k_pos)
-    raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS + ('auto',)}")
+    impl = resolve(impl)
+    interpret = jax.default_backend() == "cpu"
+    args = (q, k, v, k_start, k_end)
+    if impl in BAND_ONLY:
+        if not band or lookahead:
+            raise ValueError(f"impl {impl!r} serves only causal/window self-attention; "
+                             "use pallas_tpu, pallas_gpu or xla for caches, image blocks or lookahead")
+        from kernels import jax_ops
+        if impl == "splash":
+            return jax_ops.splash(*args, scale=scale, softcap=softcap, window=window, interpret=interpret)
+        if softcap is not None:
+            raise ValueError("impl 'cudnn' has no logit soft-capping")
+        return jax_ops.cudnn(*args, scale=scale, window=window, implementation=None if interpret else "cudnn")
+    if impl == "pallas_tpu":
+        from kernels import flash_tpu
+        return flash_tpu.attention(*args, scale=scale, softcap=softcap, k_pos=k_pos, interpret=interpret)
+    if impl == "pallas_gpu":
+        if q.shape[1] == 1:
+            from kernels import decode
+            return decode.attention(*args, scale=scale, softcap=softcap, k_pos=k_pos, interpret=interpret)
+        from kernels import flash_gpu
+        return flash_gpu.attention(*args, scale=scale, softcap=softcap, k_pos=k_pos, interpret=interpret)
+    if window is not None and q.shape[1] >= BANDED_MIN_LEN * window:
+        from kernels import banded
+        return banded.attention(*args, scale=scale, softcap=softcap, window=window, lookahead=lookahead or 0)
+    return reference.attention(*args, scale=scale, softcap=softcap, k_pos=k_pos)

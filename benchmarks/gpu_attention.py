@@ -1,0 +1,295 @@
+"""Attention kernels on a GPU: correctness against the reference, then timings with floors.
+
+Run on a lent H100/H200 from the repo root:  python3 benchmarks/gpu_attention.py [--out DIR]
+(`--smoke` runs every section at toy sizes on any backend, to check the script itself.)
+
+Sections (each guarded, so one failure does not hide the rest):
+  ceilings  device copy bandwidth (bytes read + written) and bf16 matmul rate, measured here
+  check     our kernels vs kernels.reference on random inputs: ||out - ref|| / ||ref||
+  prefill   T = 8K, 32K; 8 q / 4 kv heads; head_dim 256; W = 1024; bf16; local and global layers:
+            pallas_gpu vs cudnn vs xla (banded for local layers); forward and forward+backward
+  decode    batch 8 over a 32K global cache and a 1024-slot ring: ours vs xla vs
+            jax.experimental.pallas.ops.gpu.decode_attention.gqa; K/V bytes read per second
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import reference  # noqa: E402
+
+ROWS: list[str] = []
+LOG: list[str] = []
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def bench(f, *args, reps: int = 10) -> float:
+    """Median wall seconds of a jitted call, after two warm-ups (compile excluded)."""
+    jax.block_until_ready(f(*args))
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_loop(f, *args, n: int = 20) -> float:
+    """Seconds per call of f(q, *rest), from one jitted loop of n calls (no per-call dispatch in
+    the time); q is nudged each step so no call can be hoisted out of the loop."""
+    def loop(q, *rest):
+        def body(i, acc):
+            return acc + f(q.at[0, 0, 0, 0].add(i.astype(q.dtype)), *rest).astype(jnp.float32)[0, 0, 0, 0]
+        return jax.lax.fori_loop(0, n, body, jnp.float32(0))
+    return bench(jax.jit(loop), *args, reps=5) / n
+
+
+def rel_err(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    if not np.all(np.isfinite(out)):
+        return float("nan")
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def band(b: int, t: int, window: int | None):
+    """Causal (window) intervals of self-attention: k_start, k_end int32 [B, T]."""
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    start = jnp.zeros_like(pos) if window is None else jnp.maximum(pos - window + 1, 0)
+    return start, pos
+
+
+def qkv(key, b, t, s, n, kv, h, dtype):
+    kq, kk, kv_ = jax.random.split(key, 3)
+    return (jax.random.normal(kq, (b, t, n, h), dtype), jax.random.normal(kk, (b, s, kv, h), dtype),
+            jax.random.normal(kv_, (b, s, kv, h), dtype))
+
+
+def ceilings(big: bool):
+    n = (1 << 30) if big else (1 << 20)  # bf16 elements: 2 GiB
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    copy = jax.jit(lambda x: x + jnp.bfloat16(1))
+    t = bench(copy, x)
+    bw = 2 * x.nbytes / t
+    m = 8192 if big else 256
+    a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
+    c = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
+    mm = jax.jit(lambda a, c: a @ c)
+    t = bench(mm, a, c)
+    rate = 2 * m ** 3 / t
+    say(f"ceilings: copy {bw / 1e12:.2f} TB/s (read + write), bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    return bw, rate
+
+
+def check(smoke: bool):
+    """Our kernels vs the reference at moderate sizes, fresh random inputs each case (the reference
+    runs at full f32 matmul precision: XLA on GPU would otherwise use TF32)."""
+    with jax.default_matmul_precision("highest"):
+        _check(smoke)
+
+
+def _check(smoke: bool):
+    t = 128 if smoke else 2048
+    cases = [(jnp.float32, 1024 if not smoke else 32), (jnp.bfloat16, 1024 if not smoke else 32),
+             (jnp.bfloat16, None)]
+    key = jax.random.key(7)
+    for dtype, window in cases:
+        key, sub = jax.random.split(key)
+        q, k, v = qkv(sub, 2, t, t, 8, 4, 256 if not smoke else 64, dtype)
+        ks, ke = band(2, t, window)
+        ref = reference.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), ks, ke,
+                                  scale=q.shape[-1] ** -0.5)
+        for impl in ("pallas_gpu", "cudnn"):
+            try:
+                out = jax.jit(lambda q, k, v, impl=impl: kernels.attention(q, k, v, ks, ke, impl=impl,
+                                                                           window=window))(q, k, v)
+                say(f"check {impl:17s} fwd  {jnp.dtype(dtype).name:8s} W={window}: rel err {rel_err(out, ref):.2e}")
+            except Exception as e:  # noqa: BLE001
+                say(f"check {impl:17s} fwd  {jnp.dtype(dtype).name} W={window}: FAILED {type(e).__name__}: {e}"[:400])
+        if dtype == jnp.float32:
+            dout = jax.random.normal(key, q.shape, jnp.float32)
+
+            def loss(q, k, v, impl):
+                f = (lambda *a: reference.attention(*a, ks, ke, scale=q.shape[-1] ** -0.5)) if impl == "ref" else \
+                    (lambda *a: kernels.attention(*a, ks, ke, impl=impl, window=window))
+                return jnp.sum(f(q, k, v) * dout)
+
+            gref = jax.jit(jax.grad(lambda q, k, v: loss(q, k, v, "ref"), argnums=(0, 1, 2)))(q, k, v)
+            try:
+                g = jax.jit(jax.grad(lambda q, k, v: loss(q, k, v, "pallas_gpu"), argnums=(0, 1, 2)))(q, k, v)
+                errs = ", ".join(f"{n} {rel_err(a, b):.2e}" for n, a, b in zip("qkv", g, gref))
+                say(f"check pallas_gpu grad f32      W={window}: rel err d{errs}")
+            except Exception as e:  # noqa: BLE001
+                say(f"check pallas_gpu grad: FAILED {type(e).__name__}: {e}"[:400])
+    # decode: ring after wrap-around and a ragged linear cache with a NaN-poisoned tail
+    b, s, w = 4, (256 if smoke else 4096), (16 if smoke else 1024)
+    key, sub = jax.random.split(key)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        q, k, v = qkv(sub, b, 1, s, 8, 4, 256 if not smoke else 64, dtype)
+        lengths = jnp.array([s, s - 3, s // 2 + 1, 5], jnp.int32)
+        slot = jnp.arange(s, dtype=jnp.int32)[None]
+        k_pos = jnp.where(slot < lengths[:, None], slot, -(2 ** 30))
+        poison = (slot >= lengths[:, None])[..., None, None]
+        kp, vp = jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v)
+        ks, ke = jnp.zeros((b, 1), jnp.int32), (lengths - 1)[:, None]
+        ref = reference.attention(q, jnp.where(poison, 0, k), jnp.where(poison, 0, v), ks, ke,
+                                  scale=q.shape[-1] ** -0.5, k_pos=k_pos)
+        try:
+            out = jax.jit(lambda *a: kernels.attention(*a, ks, ke, k_pos=k_pos, impl="pallas_gpu"))(q, kp, vp)
+            say(f"check decode linear {jnp.dtype(dtype).name:8s} ragged+NaN tail: rel err {rel_err(out, ref):.2e}")
+        except Exception as e:  # noqa: BLE001
+            say(f"check decode linear: FAILED {type(e).__name__}: {e}"[:400])
+        # ring of w slots after writing positions 0..p-1 (p > 2w): slot j holds the largest position = j mod w
+        p = 3 * w + 5
+        qr, kfull, vfull = qkv(jax.random.fold_in(sub, 1), 1, 1, p, 8, 4, q.shape[-1], dtype)
+        ring_pos = jnp.arange(w, dtype=jnp.int32) + w * ((p - 1 - jnp.arange(w)) // w)
+        kr, vr = kfull[:, ring_pos], vfull[:, ring_pos]
+        ks, ke = jnp.full((1, 1), p - w, jnp.int32), jnp.full((1, 1), p - 1, jnp.int32)
+        ref = reference.attention(qr, kfull, vfull, ks, ke, scale=q.shape[-1] ** -0.5)
+        try:
+            out = jax.jit(lambda *a: kernels.attention(*a, ks, ke, k_pos=ring_pos[None], impl="pallas_gpu"))(qr, kr, vr)
+            say(f"check decode ring   {jnp.dtype(dtype).name:8s} after wrap:      rel err {rel_err(out, ref):.2e}")
+        except Exception as e:  # noqa: BLE001
+            say(f"check decode ring: FAILED {type(e).__name__}: {e}"[:400])
+
+
+def _prefill_fn(q, k, v, *, impl, ks, ke, window):
+    """One prefill attention; "cudnn" calls jax.nn.dot_product_attention directly (no padding fallback)."""
+    if impl == "cudnn":
+        local = None if window is None else (window - 1, 0)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
+                                            implementation=None if jax.default_backend() == "cpu" else "cudnn")
+    if impl == "pallas_gpu 128x64":
+        from kernels import flash_gpu
+        return flash_gpu.attention(q, k, v, ks, ke, scale=q.shape[-1] ** -0.5, block_q=128, block_k=64,
+                                   num_warps=8, num_stages=2, interpret=jax.default_backend() == "cpu")
+    return kernels.attention(q, k, v, ks, ke, impl=impl, window=window)
+
+
+def prefill(smoke: bool, bw: float, rate: float):
+    n, kvh, h, w = 8, 4, 256, 1024
+    lengths = (256, 512) if smoke else (8192, 32768)
+    if smoke:
+        h, w = 64, 64
+    for t in lengths:
+        for window in (w, None):
+            q, k, v = qkv(jax.random.key(t), 1, t, t, n, kvh, h, jnp.bfloat16)
+            ks, ke = band(1, t, window)
+            pairs = t * min(window or t, t) - (min(window or t, t) ** 2) // 2 if window else t * (t + 1) // 2
+            flops = 4 * n * h * pairs
+            nbytes = 2 * (2 * t * n * h + 2 * t * kvh * h)
+            floor = max(flops / rate, nbytes / bw)
+            dout = jax.random.normal(jax.random.key(1), q.shape, jnp.bfloat16)
+            name = f"prefill T={t} {'local W=' + str(window) if window else 'global'}"
+            for impl in ("pallas_gpu", "pallas_gpu 128x64", "cudnn", "xla"):
+                if impl == "xla" and window is None and t > 8192:
+                    say(f"{name:28s} {impl:17s} skipped (its T x T scores exceed memory)")
+                    continue
+                f = jax.jit(functools.partial(_prefill_fn, impl=impl, ks=ks, ke=ke, window=window))
+                fb = jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v).astype(jnp.float32) * dout),
+                                      argnums=(0, 1, 2)))
+                try:
+                    tf = bench(f, q, k, v)
+                    try:
+                        tb = bench(fb, q, k, v, reps=5)
+                        tbs = f"{tb * 1e3:9.2f} ms"
+                    except Exception as e:  # noqa: BLE001
+                        tb, tbs = float("nan"), f"bwd failed: {type(e).__name__}"
+                    say(f"{name:28s} {impl:17s} fwd {tf * 1e3:8.2f} ms  fwd+bwd {tbs}  "
+                        f"fwd floor {floor * 1e3:.3f} ms ({flops / tf / 1e12:.0f} TFLOP/s)")
+                    ROWS.append(f"| {name} | {impl} | {tf * 1e3:.2f} | {tbs.replace(' ms', '')} | "
+                                f"{floor * 1e3:.3f} | {flops / tf / 1e12:.0f} |")
+                except Exception as e:  # noqa: BLE001
+                    say(f"{name:28s} {impl:17s} FAILED {type(e).__name__}: {e}"[:400])
+                    ROWS.append(f"| {name} | {impl} | failed | | {floor * 1e3:.3f} | |")
+
+
+def decode(smoke: bool, bw: float):
+    from jax.experimental.pallas.ops.gpu import decode_attention as jdecode
+
+    b, n, kvh, h = 8, 8, 4, 256
+    s_global, w = (1024, 64) if smoke else (32768, 1024)
+    if smoke:
+        h = 64
+    interpret = jax.default_backend() == "cpu"
+    for layer, s in (("global", s_global), ("ring", w)):
+        q, k, v = qkv(jax.random.key(s), b, 1, s, n, kvh, h, jnp.bfloat16)
+        if layer == "global":
+            lengths = jnp.full((b,), s, jnp.int32) - jnp.arange(b, dtype=jnp.int32) * (s // 16)
+            k_pos = jnp.where(jnp.arange(s)[None] < lengths[:, None], jnp.arange(s, dtype=jnp.int32)[None],
+                              -(2 ** 30))
+            ks, ke = jnp.zeros((b, 1), jnp.int32), (lengths - 1)[:, None]
+        else:  # a full ring after wrap-around: query at position p sees the W slots
+            p = jnp.full((b,), 5 * w + 17, jnp.int32)
+            slot = jnp.arange(w, dtype=jnp.int32)[None]
+            k_pos = slot + w * ((p[:, None] - 1 - slot) // w)
+            lengths = jnp.full((b,), w, jnp.int32)
+            ks, ke = (p - w)[:, None], (p - 1)[:, None]
+        nbytes = 2 * int(jnp.sum(lengths)) * kvh * h * 2  # K and V, bf16
+        floor = nbytes / bw
+        ref = reference.attention(q, k, v, ks, ke, scale=h ** -0.5, k_pos=k_pos)
+        runs = {
+            "pallas_gpu": jax.jit(lambda q, k, v: kernels.attention(q, k, v, ks, ke, k_pos=k_pos, impl="pallas_gpu")),
+            "xla": jax.jit(lambda q, k, v: kernels.attention(q, k, v, ks, ke, k_pos=k_pos, impl="xla")),
+            "jax gqa": jax.jit(lambda q, k, v: jdecode.gqa(q[:, 0], k, v, kv_seq_len=lengths,
+                                                          k_splits=min(16, s // 16), interpret=interpret)[:, None]),
+        }
+        for name, f in runs.items():
+            try:
+                err = rel_err(f(q, k, v), ref)  # jax gqa on the full ring: every slot visible, order irrelevant
+                t = bench_loop(f, q, k, v)
+                say(f"decode B={b} {layer:6s} S={s:6d} {name:10s} {t * 1e6:9.1f} us  rel err {err:.1e}  "
+                    f"K/V {nbytes / t / 1e12:.2f} TB/s = {nbytes / t / bw:.0%} of copy bw (floor {floor * 1e6:.1f} us)")
+                ROWS.append(f"| decode B={b} {layer} S={s} | {name} | {t * 1e6:.1f} us | | {floor * 1e6:.1f} us | "
+                            f"{nbytes / t / bw:.0%} of bw |")
+            except Exception as e:  # noqa: BLE001
+                say(f"decode {layer} {name}: FAILED {type(e).__name__}: {e}"[:400])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    say(f"jax {jax.__version__}, devices {jax.devices()}")
+    t0 = time.time()
+    bw, rate = 3e12, 8e14
+    for section in ("ceilings", "check", "prefill", "decode"):
+        try:
+            if section == "ceilings":
+                bw, rate = ceilings(not args.smoke)
+            elif section == "check":
+                check(args.smoke)
+            elif section == "prefill":
+                prefill(args.smoke, bw, rate)
+            else:
+                decode(args.smoke, bw)
+        except Exception:  # noqa: BLE001
+            say(f"section {section} FAILED:\n{traceback.format_exc()[-1500:]}")
+        say(f"[{section} done at {time.time() - t0:.0f} s]")
+    table = ["| case | impl | fwd ms | fwd+bwd ms | floor | rate |", "|---|---|---|---|---|---|", *ROWS]
+    say("\n".join(table))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_attention.md"), "w") as f:
+        f.write("\n".join(LOG) + "\n")
+
+
+if __name__ == "__main__":
+    main()

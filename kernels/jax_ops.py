@@ -1,0 +1,88 @@
+"""jax's own attention kernels behind our interval contract: TPU splash attention and cuDNN.
+
+Both take static masks, so they serve only the band case: self-attention
+(S == T, keys at positions 0..T-1) where query t sees [max(first real, t - W + 1), t]
+(causal, optional window W). Rows with an empty interval are padding. Neither
+can express per-image bidirectional blocks or packed segments; the dispatcher
+never sends those here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _valid_rows(k_start: jax.Array, k_end: jax.Array) -> jax.Array:
+    """bool [B, T]: rows with a non-empty interval (real tokens)."""
+    return k_start <= k_end
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(t: int, group: int, window: int | None, softcap: float | None, block: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    left = None if window is None else window - 1
+    mask = sm.MultiHeadMask([sm.LocalMask((t, t), (left, 0), offset=0) for _ in range(group)])
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    with jax.ensure_compile_time_eval():  # concrete mask tables, safe to cache across traces
+        return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, attn_logits_soft_cap=softcap,
+                                                interpret=interpret)
+
+
+def splash(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array, k_end: jax.Array, *, scale: float,
+           softcap: float | None, window: int | None, interpret: bool = False) -> jax.Array:
+    """jax's splash attention (TPU), one MQA kernel per kv head; padding through segment ids.
+
+    q [B, T, N, H], k/v [B, T, K, H] -> [B, T, N, H]; padding rows give zeros.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    g = n // kv_heads
+    block = 128
+    tp = -(-t // block) * block  # splash needs whole blocks: pad the tail (its rows are discarded)
+    valid = _valid_rows(k_start, k_end)
+    pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
+    qs = jnp.pad(q * jnp.asarray(scale, q.dtype), pad).reshape(b, tp, kv_heads, g, h)
+    ks, vs = jnp.pad(k, pad), jnp.pad(v, pad)
+    segment = jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, tp - t)))
+    kernel = _splash_kernel(tp, g, window, softcap, block, interpret)
+
+    def one(qb, kb, vb, seg):  # qb [G, T, H], kb/vb [T, H]
+        return kernel(qb, kb, vb, segment_ids=sk.SegmentIds(q=seg, kv=seg))
+
+    per_head = jax.vmap(one, in_axes=(0, 0, 0, None))  # over kv heads
+    out = jax.vmap(per_head)(jnp.einsum("BTKGH->BKGTH", qs), jnp.einsum("BTKH->BKTH", ks),
+                             jnp.einsum("BTKH->BKTH", vs), segment)  # [B, K, G, T, H]
+    out = jnp.einsum("BKGTH->BTKGH", out)[:, :t].reshape(b, t, n, h)
+    return jnp.where(valid[..., None, None], out, 0).astype(q.dtype)
+
+
+def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array, k_end: jax.Array, *, scale: float,
+          window: int | None, implementation: str | None = "cudnn") -> jax.Array:
+    """jax.nn.dot_product_attention with is_causal and local_window_size=(W - 1, 0).
+
+    cuDNN has no cheap form of left padding (a bias or mask would be
+    materialized at [B, N, T, S]), so a batch holding padding rows takes the
+    exact reference path instead (lax.cond: only one branch runs).
+    """
+    from kernels import reference
+
+    valid = _valid_rows(k_start, k_end)
+    local = None if window is None else (window - 1, 0)
+
+    def fused(q, k, v):
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local,
+                                           implementation=implementation)
+        return out.astype(q.dtype)
+
+    def exact(q, k, v):
+        return reference.attention(q, k, v, k_start, k_end, scale=scale)
+
+    return jax.lax.cond(jnp.all(valid), fused, exact, q, k, v)
