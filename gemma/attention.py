@@ -9,7 +9,7 @@ from flax import nnx
 import kernels
 from gemma.cache import EMPTY, LayerCache
 from gemma.config import GemmaConfig
-from gemma.layers import RMSNorm, rope
+from gemma.layers import RMSNorm, dense, rope
 from vision.siglip import normal_init
 
 
@@ -41,14 +41,14 @@ class Attention(nnx.Module):
 
     def project_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """[B, T, D] -> keys (normed, rotated) and values, each [B, T, K, H]."""
-        k = self.k_norm(jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...]))
+        k = self.k_norm(dense("BTD,DKH->BTKH", x, self.k_proj[...]))
         k = rope(k, positions, base=self.rope_base, scale=self.rope_scale)
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...])
+        v = dense("BTD,DKH->BTKH", x, self.v_proj[...])
         return k, v
 
     def project_q(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """[B, T, D] -> queries (normed, rotated) [B, T, N, H]."""
-        q = self.q_norm(jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...]))
+        q = self.q_norm(dense("BTD,DNH->BTNH", x, self.q_proj[...]))
         return rope(q, positions, base=self.rope_base, scale=self.rope_scale)
 
     def __call__(self, x: jax.Array, positions: jax.Array, k_start: jax.Array, k_end: jax.Array,
@@ -61,7 +61,7 @@ class Attention(nnx.Module):
         k, v = self.project_kv(x, positions)
         out = kernels.attention(q, k, v, k_start, k_end, scale=self.scale, softcap=self.softcap, impl=self.impl,
                                 window=self.window, lookahead=lookahead)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...])
+        return dense("BTNH,NHD->BTD", out, self.o_proj[...])
 
     def extend(self, x: jax.Array, positions: jax.Array, k_end: jax.Array, cache: LayerCache, length: jax.Array,
                window: int | None) -> tuple[jax.Array, LayerCache]:
@@ -88,4 +88,4 @@ class Attention(nnx.Module):
             k_pos = jnp.concatenate([cache.slot_positions(length), jnp.where(valid, positions, EMPTY)], axis=1)
         out = kernels.attention(q, keys, values, k_start, k_end, scale=self.scale, softcap=self.softcap,
                                 k_pos=k_pos, impl=self.impl)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...]), new_cache
+        return dense("BTNH,NHD->BTD", out, self.o_proj[...]), new_cache

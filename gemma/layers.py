@@ -6,11 +6,37 @@ N query heads, K kv heads, H head_dim.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels import cpu_dense
 from vision.siglip import normal_init
+
+
+def dense(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+    """jnp.einsum(spec, x, w) for an activation x and a weight w, e.g. "BTD,DNH->BTNH".
+
+    Decode-sized products (<= 16 rows) with bf16 weights on CPU go to kernels.cpu_dense, which
+    streams the weights at memory speed where XLA's bf16 dot crawls; the result is the same
+    product accumulated in f32, returned in einsum's dtype.
+    """
+    (lhs, rhs), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    batch = "".join(a for a in lhs if a not in rhs)
+    contract = "".join(a for a in lhs if a in rhs)
+    rest = "".join(a for a in rhs if a not in lhs)
+    rows = math.prod(x.shape[:len(batch)])
+    layout = "major" if rhs == contract + rest else "minor" if rhs == rest + contract else None
+    if layout is None or lhs != batch + contract or out != batch + rest or not cpu_dense.usable(x, w, rows):
+        return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+    k = math.prod(x.shape[len(batch):])
+    w2 = w.reshape(k, -1) if layout == "major" else w.reshape(-1, k)
+    y = cpu_dense.dense(x.reshape(rows, k), w2, layout)
+    rest_shape = w.shape[len(contract):] if layout == "major" else w.shape[:len(rest)]
+    dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
+    return y.reshape(*x.shape[:len(batch)], *rest_shape).astype(dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -40,7 +66,7 @@ class Embedder(nnx.Module):
 
     def decode(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> float32 logits [B, T, V] through the tied table (einsum over E's stored layout)."""
-        return jnp.einsum("BTD,VD->BTV", x, self.embedding[...], preferred_element_type=jnp.float32)
+        return dense("BTD,VD->BTV", x, self.embedding[...], preferred_element_type=jnp.float32)
 
 
 class GeGLU(nnx.Module):
@@ -52,9 +78,9 @@ class GeGLU(nnx.Module):
         self.down_proj = nnx.Param(normal_init(rngs, (hidden_dim, d_model), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...])
-        up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...])
-        return jnp.einsum("BTF,FD->BTD", jax.nn.gelu(gate, approximate=True) * up, self.down_proj[...])
+        gate = dense("BTD,DF->BTF", x, self.gate_proj[...])
+        up = dense("BTD,DF->BTF", x, self.up_proj[...])
+        return dense("BTF,FD->BTD", jax.nn.gelu(gate, approximate=True) * up, self.down_proj[...])
 
 
 def rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float = 1.0) -> jax.Array:
