@@ -4,6 +4,7 @@
     model = checkpoints.load("path/to/model.gguf")   # llama.cpp GGUF, any quantization
     model = checkpoints.load("path/to/hf_dir")       # config.json + *.safetensors
     model = checkpoints.load("path/to/our_dir")      # written by checkpoints.save
+    model = checkpoints.load("path/to/gemma3-4b-it") # official `gemma` orbax checkpoint (released or save_params)
     tokenizer = checkpoints.load_tokenizer(source)   # same sources
 """
 
@@ -35,8 +36,9 @@ def _bundled_270m() -> str:
 
 
 def resolve(source: str | os.PathLike) -> tuple[str, str]:
-    """(kind, path) for a source: kind is 'gguf', 'hf' or 'orbax'."""
+    """(kind, path) for a source: kind is 'gguf', 'hf', 'orbax' (ours) or 'official' (the `gemma` package's)."""
     from checkpoints.from_hf import is_hf_dir
+    from checkpoints.from_official import is_official_dir
     from checkpoints.orbax_io import is_orbax_dir
 
     if not isinstance(source, (str, os.PathLike)):
@@ -51,8 +53,8 @@ def resolve(source: str | os.PathLike) -> tuple[str, str]:
             raise ValueError(f"no weights are bundled for {text!r}; pass a GGUF file, an HF safetensors "
                              f"directory or a directory written by checkpoints.save")
         raise FileNotFoundError(f"checkpoint source {text!r}: no such file or directory (expected "
-                                f"'{DEFAULT_MODEL}', a .gguf file, an HF safetensors directory or an orbax "
-                                f"directory written by checkpoints.save)")
+                                f"'{DEFAULT_MODEL}', a .gguf file, an HF safetensors directory, an orbax "
+                                f"directory written by checkpoints.save or an official Gemma orbax checkpoint)")
     if os.path.isfile(text):
         with open(text, "rb") as f:
             if f.read(4) == b"GGUF":
@@ -63,17 +65,31 @@ def resolve(source: str | os.PathLike) -> tuple[str, str]:
         return "orbax", text
     if is_hf_dir(text):
         return "hf", text
-    raise ValueError(f"{text}: directory holds neither gemma_config.json (orbax, from checkpoints.save) nor "
-                     f"config.json + *.safetensors (HF)")
+    if is_official_dir(text):
+        return "official", text
+    raise ValueError(f"{text}: directory holds neither gemma_config.json (orbax, from checkpoints.save), "
+                     f"config.json + *.safetensors (HF) nor an orbax checkpoint of the official gemma package "
+                     f"(_METADATA / _CHECKPOINT_METADATA)")
 
 
-def load(source: str | os.PathLike = DEFAULT_MODEL, dtype=jnp.float32, text_only: bool = False) -> Transformer:
+def load(source: str | os.PathLike = DEFAULT_MODEL, dtype=jnp.float32, text_only: bool = False,
+         preset: str | None = None) -> Transformer:
     """The Gemma 3 model (a flax NNX module with `.config`) from `source`, parameters in `dtype`.
 
-    For an orbax directory `dtype=None` keeps the saved dtype. `text_only=True` loads only the
-    language model of a multimodal checkpoint (its vision weights are not read).
+    For an orbax directory (ours or official) `dtype=None` keeps the saved dtype. `text_only=True`
+    loads only the language model of a multimodal checkpoint (its vision weights are not read).
+    `preset` (official checkpoints only, e.g. "gemma3-4b"): the preset whose sliding window, RoPE,
+    query scale and context to use, which the official tree does not store (default: the preset
+    with the tree's shapes, else the Gemma 3 family rules; see checkpoints/from_official.py).
     """
     kind, path = resolve(source)
+    if preset is not None and kind != "official":
+        raise ValueError(f"preset= applies to official gemma checkpoints only; {path} is a {kind} checkpoint "
+                         f"whose config is stored with it")
+    if kind == "official":
+        from checkpoints.from_official import load_official
+
+        return load_official(path, dtype, text_only=text_only, preset=preset)
     if kind == "gguf":
         from checkpoints.from_gguf import load_gguf
 

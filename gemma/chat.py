@@ -55,15 +55,17 @@ class ChatSampler:
         return self._cache
 
     def send(self, message, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, stop: Sequence[str] | None = None, images=None) -> str:
+             top_p: float | None = None, seed: int = 0, stop: Sequence[str] | None = None, images=None,
+             pan_and_scan: bool = False) -> str:
         """Adds a user turn and returns the model's reply text. `message` is text (with a
-        `<start_of_image>` marker per image in `images`) or a list mixing text and images."""
+        `<start_of_image>` marker per image in `images`) or a list mixing text and images.
+        `pan_and_scan`: add Pan & Scan crops of elongated images (see `Sampler.prepare`)."""
         return "".join(self.stream(message, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, seed=seed, stop=stop, images=images))
+                                   top_p=top_p, seed=seed, stop=stop, images=images, pan_and_scan=pan_and_scan))
 
     def stream(self, message, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int = 0, stop: Sequence[str] | None = None,
-               images=None) -> Iterator[str]:
+               images=None, pan_and_scan: bool = False) -> Iterator[str]:
         """Like `send`, yielding the reply piece by piece."""
         parts = [message] if isinstance(message, str) else list(message)
         if not any(isinstance(p, str) and p.strip() for p in parts) and not images and all(
@@ -73,7 +75,8 @@ class ChatSampler:
         first = self._cache is None
         opening, closing = format_turn("\0", first=first, system=self.system).split("\0")
         new, pixels = self.sampler.prepare([opening, *parts, closing] if not isinstance(message, str)
-                                           else opening + message + closing, images, add_bos=first)
+                                           else opening + message + closing, images, add_bos=first,
+                                           pan_and_scan=pan_and_scan)
         self.sampler._check_room([len(new)], max_new_tokens, used=len(self.tokens))
         cache = self.sampler.new_cache(1) if first else self._cache
         self._cache = None  # donated to the prefill; restored when the reply is done

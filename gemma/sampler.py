@@ -146,14 +146,24 @@ class Sampler:
         self._graphdef, self._state = nnx.split(model)
 
     # ------------------------------------------------------------------ pieces
-    def prepare(self, prompt, images=None, add_bos: bool = True) -> tuple[list[int], np.ndarray | None]:
+    def prepare(self, prompt, images=None, add_bos: bool = True,
+                pan_and_scan: bool = False) -> tuple[list[int], np.ndarray | None]:
         """Token ids and preprocessed pixels [I, S, S, 3] (or None) of one prompt.
 
         A prompt is text (with a `<start_of_image>` marker per image, the images
         passed in `images`), a list of token ids, or a list mixing text and images
         (PIL images or uint8 arrays). Each image becomes "\\n\\n", <start_of_image>,
-        tokens_per_image soft tokens, <end_of_image>, "\\n\\n".
+        tokens_per_image soft tokens, <end_of_image>, "\\n\\n" (ids inserted around
+        the marker's id, as the official gemma package does).
+
+        `pan_and_scan=True`: each image whose Pan & Scan applies (vision.pan_and_scan)
+        becomes "Here is the original image " + its block + " and here are some crops to
+        help you see better " + the crops' blocks joined by " ", and its pixels are
+        followed by the crops'; the text is written and tokenized as HF's Gemma3Processor
+        does (text prompts: the wrapper text merges with the text around the marker).
         """
+        if pan_and_scan:
+            return self._prepare_pan_and_scan(prompt, images, add_bos)
         c = self.config
         if isinstance(prompt, (list, tuple)) and any(not isinstance(p, (str, int, np.integer)) for p in prompt):
             if images:
@@ -181,6 +191,64 @@ class Sampler:
             expanded += block if i == c.boi_token_id else [i]
         pixels = np.stack([preprocess(im, c.vision.image_size) for im in images])
         return expanded, pixels
+
+    def _prepare_pan_and_scan(self, prompt, images, add_bos: bool) -> tuple[list[int], np.ndarray | None]:
+        """`prepare` with Pan & Scan: pieces of text and id runs, adjacent text merged, then encoded."""
+        c, tok = self.config, self.tokenizer
+        slot = object()  # where an image goes
+        if isinstance(prompt, (list, tuple)) and any(not isinstance(p, (str, int, np.integer)) for p in prompt):
+            if images:
+                raise ValueError("give images either inside the prompt list or in images=, not both")
+            images = [p for p in prompt if not isinstance(p, str)]
+            pieces = [p if isinstance(p, str) else slot for p in prompt]
+        elif isinstance(prompt, str):
+            marker = tok.decode([c.boi_token_id])  # "<start_of_image>"
+            if prompt.count(marker) != tok.encode(prompt, add_bos=False).count(c.boi_token_id):
+                raise ValueError(f"cannot locate the image markers of the prompt (marker text {marker!r})")
+            first, *rest = prompt.split(marker)
+            pieces = [first]
+            for text in rest:
+                pieces += [slot, text]
+        else:
+            ids = self.encode_prompt(prompt, add_bos=False)
+            pieces = []
+            for i in ids:
+                pieces.append(slot if i == c.boi_token_id else [i])
+            add_bos = False  # a list of ids is taken as given
+        images = list(images or [])
+        slots = sum(p is slot for p in pieces)
+        if not images and not slots:
+            return self.prepare(prompt, None, add_bos)
+        if c.vision is None:
+            raise ValueError("this model has no vision tower: it cannot take images")
+        if slots != len(images):
+            raise ValueError(f"the prompt has {slots} <start_of_image> marker(s) but {len(images)} image(s) were given")
+        from vision import pan_and_scan, preprocess
+
+        block = [c.boi_token_id] + [c.image_token_id] * c.vision.tokens_per_image + [c.eoi_token_id]
+        full = ["\n\n", block, "\n\n"]
+        expanded, pixels, it = [], [], iter(images)
+        for piece in pieces:
+            if piece is not slot:
+                expanded.append(piece)
+                continue
+            image = next(it)
+            crops = pan_and_scan(image)
+            pixels += [preprocess(x, c.vision.image_size) for x in [image, *crops]]
+            if not crops:
+                expanded += full
+                continue
+            expanded += ["Here is the original image ", *full, " and here are some crops to help you see better "]
+            for k in range(len(crops)):
+                expanded += ([" "] if k else []) + full
+        ids, text = [tok.bos_id] if add_bos else [], ""
+        for piece in expanded + [[]]:
+            if isinstance(piece, str):
+                text += piece
+                continue
+            ids += tok.encode(text, add_bos=False) if text else []
+            ids, text = ids + list(piece), ""
+        return self.encode_prompt(ids), np.stack(pixels)  # (checks the ids against the vocabulary)
 
     def encode_prompt(self, prompt: str | Sequence[int], add_bos: bool = True) -> list[int]:
         """Token ids of a text prompt (with <bos>) or a list of ids, checked against the model's vocabulary."""
@@ -248,10 +316,12 @@ class Sampler:
     # ------------------------------------------------------------------ public
     def generate(self, prompt_or_prompts: str | Sequence[str], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int = 0, stop: Sequence[str] | None = None, images=None) -> SamplerOutput:
+                 seed: int = 0, stop: Sequence[str] | None = None, images=None,
+                 pan_and_scan: bool = False) -> SamplerOutput:
         """Continues one prompt (str, a list of token ids, or a list mixing text and images) or a batch
         (list of them) of any lengths. `images`: the images of the `<start_of_image>` markers of one
-        prompt, or one list per prompt of a batch.
+        prompt, or one list per prompt of a batch. `pan_and_scan`: add Pan & Scan crops of elongated
+        images (see `prepare`).
 
         temperature 0 is greedy. Generation of a row ends at <eos>, <end_of_turn>,
         a `stop` string (cut before it) or after `max_new_tokens`.
@@ -265,7 +335,7 @@ class Sampler:
         per_prompt = [images] if single else (list(images) if images is not None else [None] * len(prompts))
         if len(per_prompt) != len(prompts):
             raise ValueError(f"images must hold one list per prompt ({len(prompts)}), got {len(per_prompt)}")
-        prepared = [self.prepare(p, im) for p, im in zip(prompts, per_prompt)]
+        prepared = [self.prepare(p, im, pan_and_scan=pan_and_scan) for p, im in zip(prompts, per_prompt)]
         rows = [ids for ids, _ in prepared]
         pixels = [px for _, px in prepared if px is not None]
         pixels = np.concatenate(pixels) if pixels else None
@@ -288,10 +358,10 @@ class Sampler:
 
     def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int = 0, stop: Sequence[str] | None = None,
-               images=None) -> Iterator[str]:
+               images=None, pan_and_scan: bool = False) -> Iterator[str]:
         """Yields the continuation of `prompt` piece by piece (whole UTF-8 characters only)."""
         params = SamplingParams(temperature, top_k, top_p)
-        row, pixels = self.prepare(prompt, images)
+        row, pixels = self.prepare(prompt, images, pan_and_scan=pan_and_scan)
         self._check_room([len(row)], max_new_tokens)
         cache = self.new_cache(1, min(self.max_len, _bucket(len(row), self.prefill_chunk) + max_new_tokens))
         logits, cache = self.prefill([row], cache, pixels)
