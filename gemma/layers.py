@@ -19,7 +19,7 @@ from vision.siglip import normal_init
 def dense(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
     """jnp.einsum(spec, x, w) for an activation x and a weight w, e.g. "BTD,DNH->BTNH".
 
-    Decode-sized products (<= 16 rows) with bf16 weights on CPU go to kernels.cpu_dense, which
+    Matrix-vector products (<= cpu_dense.MAX_ROWS rows) with bf16 weights on CPU go to kernels.cpu_dense, which
     streams the weights at memory speed where XLA's bf16 dot crawls; the result is the same
     product accumulated in f32, returned in einsum's dtype.
     """

@@ -181,12 +181,14 @@ class Transformer(nnx.Module):
             positions = jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0)
         positions = _check_like(positions, tokens, "positions").astype(jnp.int32)
         images = _check_images(images, tokens, self.config)
-        return _jit_forward(self, tokens, positions, input_mask, images, last_only, return_hidden)
+        graphdef, state = nnx.split(self)
+        return _jit_forward(graphdef, state, tokens, positions, input_mask, images, last_only, return_hidden)
 
 
-@functools.partial(nnx.jit, static_argnames=("last_only", "return_hidden"))
-def _jit_forward(model: Transformer, tokens, positions, input_mask, images, last_only, return_hidden):
-    return model.forward(tokens, positions, input_mask, last_only, return_hidden, images)
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def _jit_forward(graphdef, state, tokens, positions, input_mask, images, last_only, return_hidden):
+    # jax.jit over the split state (not nnx.jit over the module): no second copy of the parameters
+    return nnx.merge(graphdef, state).forward(tokens, positions, input_mask, last_only, return_hidden, images)
 
 
 def _check_images(images, tokens: jax.Array, config: GemmaConfig) -> jax.Array | None:
