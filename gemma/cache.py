@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma.config import GemmaConfig
-
-EMPTY = -(2**30)  # position of an empty slot or a padding token: outside every query's interval
+from kernels.blocks import EMPTY  # position of an empty slot or a padding token: outside every interval
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=["ring"])

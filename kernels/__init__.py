@@ -86,7 +86,7 @@ def attention(
             return jax_ops.splash(*args, scale=scale, softcap=softcap, window=window, interpret=interpret)
         if softcap is not None:
             raise ValueError("impl 'cudnn' has no logit soft-capping")
-        return jax_ops.cudnn(*args, scale=scale, window=window, implementation=None if interpret else "cudnn")
+        return jax_ops.cudnn(*args, scale=scale, window=window, interpret=interpret)
     if impl == "pallas_tpu":
         from kernels import flash_tpu
         return flash_tpu.attention(*args, scale=scale, softcap=softcap, k_pos=k_pos, interpret=interpret)

@@ -16,17 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from kernels import reference
-
-EMPTY = -(2**30)
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
+from kernels.blocks import EMPTY, round_up
 
 
 def default_chunk(window: int, t: int) -> int:
     """C: the window rounded up to a multiple of 128, but no longer than T (rounded up to 8)."""
-    return min(_round_up(max(window, 1), 128), _round_up(t, 8))
+    return min(round_up(max(window, 1), 128), round_up(t, 8))
 
 
 def _bands(x: jax.Array, chunk: int, before: int, after: int) -> jax.Array:
@@ -68,7 +63,7 @@ def attention(
     chunk = chunk or default_chunk(window, t)
     before = -(-(window - 1) // chunk)  # whole chunks covering the window - 1 keys back
     after = -(-lookahead // chunk)
-    tp = _round_up(t, chunk)
+    tp = round_up(t, chunk)
     n_chunks = tp // chunk
 
     def pad(x, value=0):

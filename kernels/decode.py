@@ -29,13 +29,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-EMPTY = -(2**30)  # the position of a slot outside every interval (gemma.cache.EMPTY)
+from kernels.blocks import EMPTY, next_pow2
+
 _NEG = -1e30  # a finite -inf for running maxima: exp(_NEG - _NEG) is 1, never NaN
 _MIN_ROWS = 16  # Triton's dot needs at least 16 rows
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(x - 1, 0).bit_length()
 
 
 def _kernel(meta_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, lse_ref, *, scale, softcap, block_k, num_slots,
@@ -161,15 +158,15 @@ def attention(
         raise ValueError(f"decode attention takes one query per row (q [B, 1, N, H]); got q {q.shape}")
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h or n % kv_heads:
         raise ValueError(f"decode attention shapes disagree: q {q.shape}, k {k.shape}, v {v.shape}")
-    if h < 16 or h != _next_pow2(h):
+    if h < 16 or h != next_pow2(h):
         raise ValueError(f"decode attention needs a head_dim that is a power of two >= 16; got {h}")
-    if block_k < 16 or block_k != _next_pow2(block_k):
+    if block_k < 16 or block_k != next_pow2(block_k):
         raise ValueError(f"block_k must be a power of two >= 16; got {block_k}")
     if k_pos is None:
         k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     groups = n // kv_heads
-    rows = max(_MIN_ROWS, _next_pow2(groups))
-    block_k = min(block_k, max(16, _next_pow2(s)))
+    rows = max(_MIN_ROWS, next_pow2(groups))
+    block_k = min(block_k, max(16, next_pow2(s)))
     num_splits = max(1, min(num_splits, pl.cdiv(s, block_k)))
 
     k_start, k_end, k_pos = k_start[:, 0].astype(jnp.int32), k_end[:, 0].astype(jnp.int32), k_pos.astype(jnp.int32)

@@ -36,8 +36,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-EMPTY = -(2**30)  # k_pos of an unused cache slot (and of the wrapper's padding keys)
-_BIG = 2**31 - 1
+from kernels import blocks
+
+EMPTY = blocks.EMPTY  # k_pos of an unused cache slot (and of the wrapper's padding keys)
 _LOG2E = math.log2(math.e)
 SHARED_MEMORY = 224 * 1024  # bytes of tiles per block we plan for (Hopper has 227 KB per block)
 
@@ -346,32 +347,16 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------- block metadata (XLA)
 
 
-def _first_last(x, axis):
-    """First and last True index of bool x along axis; (0, -1) where none, so a loop over them is empty."""
-    n = x.shape[axis]
-    first = jnp.argmax(x, axis=axis).astype(jnp.int32)
-    last = (n - 1 - jnp.argmax(jnp.flip(x, axis), axis=axis)).astype(jnp.int32)
-    any_ = jnp.any(x, axis=axis)
-    return jnp.where(any_, first, 0), jnp.where(any_, last, -1)
-
-
 def block_meta(k_start, k_end, k_pos, block_q, block_k):
     """Per-block bounds. k_start, k_end [B, T], k_pos [B, S] (T, S multiples of the blocks).
 
     Returns qmeta [B, 4, T/bq] = (lo, hi, first key block, last key block) and
-    kmeta [B, 4, S/bk] = (kmin, kmax, first query block, last query block), int32.
+    kmeta [B, 4, S/bk] = (kmin, kmax, first query block, last query block), int32;
+    (0, -1) where a block meets none, so a loop over it is empty.
     """
-    b, t = k_start.shape
-    s = k_pos.shape[1]
-    nonempty = k_start <= k_end
-    lo = jnp.where(nonempty, k_start, _BIG).reshape(b, t // block_q, block_q).min(-1)
-    hi = jnp.where(nonempty, k_end, -_BIG).reshape(b, t // block_q, block_q).max(-1)
-    used = k_pos != EMPTY
-    kmin = jnp.where(used, k_pos, _BIG).reshape(b, s // block_k, block_k).min(-1)
-    kmax = jnp.where(used, k_pos, -_BIG).reshape(b, s // block_k, block_k).max(-1)
-    overlap = (lo[:, :, None] <= kmax[:, None, :]) & (hi[:, :, None] >= kmin[:, None, :])  # [B, nq, nk]
-    k_first, k_last = _first_last(overlap, axis=2)
-    q_first, q_last = _first_last(overlap, axis=1)
+    lo, hi, kmin, kmax, overlap = blocks.hulls(k_start, k_end, k_pos, block_q, block_k)
+    k_first, k_last = blocks.first_last(overlap, axis=2)
+    q_first, q_last = blocks.first_last(overlap, axis=1)
     qmeta = jnp.stack([lo, hi, k_first, k_last], axis=1).astype(jnp.int32)
     kmeta = jnp.stack([kmin, kmax, q_first, q_last], axis=1).astype(jnp.int32)
     return qmeta, kmeta
@@ -381,7 +366,7 @@ def block_meta(k_start, k_end, k_pos, block_q, block_k):
 
 
 def _pow2_at_least(x: int, floor: int = 16) -> int:
-    return max(floor, 1 << max(0, x - 1).bit_length())
+    return max(floor, blocks.next_pow2(x))
 
 
 def _pad_axis(x, axis, size, value=0):
@@ -434,7 +419,7 @@ def attention(
             raise ValueError(f"{name} must be a power of two >= 16; got {blk}")
     bq = min(block_q, _pow2_at_least(t))
     bk = min(block_k, _pow2_at_least(s))
-    t_pad, s_pad, h_pad = -(-t // bq) * bq, -(-s // bk) * bk, _pow2_at_least(h)
+    t_pad, s_pad, h_pad = blocks.round_up(t, bq), blocks.round_up(s, bk), _pow2_at_least(h)
 
     general_pos = k_pos is not None
     if k_pos is None:

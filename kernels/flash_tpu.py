@@ -35,8 +35,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-EMPTY_POS = -(2**30)  # k_pos of an empty cache slot (and of padded keys)
-_BIG = 2**31 - 1
+from kernels import blocks
+
+EMPTY_POS = blocks.EMPTY  # k_pos of an empty cache slot (and of padded keys)
 _LANES = 128
 _SUBLANES = 8
 _M_INIT = -1e30  # finite running-max start: exp(-inf - _M_INIT) == 0, never NaN
@@ -54,10 +55,6 @@ class _Config:
     interpret: Any  # False or pltpu.InterpretParams
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 # --------------------------------------------------------------------------- block tables
 
 
@@ -70,25 +67,9 @@ def block_tables(k_start, k_end, k_pos, block_q: int, block_k: int):
     (range of key blocks that meet query block i) and i_first/i_last [B*nk] (the
     transpose). A block with no partner gets first = last = 0 and fails `meets`.
     """
-    b, tp = k_start.shape
-    sp = k_pos.shape[1]
-    nq, nk = tp // block_q, sp // block_k
-    nonempty = k_start <= k_end
-    q_lo = jnp.where(nonempty, k_start, _BIG).reshape(b, nq, block_q).min(-1)
-    q_hi = jnp.where(nonempty, k_end, -_BIG).reshape(b, nq, block_q).max(-1)
-    filled = k_pos > EMPTY_POS
-    k_lo = jnp.where(filled, k_pos, _BIG).reshape(b, nk, block_k).min(-1)
-    k_hi = jnp.where(filled, k_pos, -_BIG).reshape(b, nk, block_k).max(-1)
-    meets = (k_lo[:, None, :] <= q_hi[:, :, None]) & (k_hi[:, None, :] >= q_lo[:, :, None])  # [B, nq, nk]
-
-    def first_last(m, n):  # m [..., n] bool -> first and last True index (0, 0 if none)
-        any_ = m.any(-1)
-        first = jnp.argmax(m, -1)
-        last = n - 1 - jnp.argmax(m[..., ::-1], -1)
-        return jnp.where(any_, first, 0), jnp.where(any_, last, 0)
-
-    j_first, j_last = first_last(meets, nk)
-    i_first, i_last = first_last(jnp.swapaxes(meets, 1, 2), nq)
+    q_lo, q_hi, k_lo, k_hi, meets = blocks.hulls(k_start, k_end, k_pos, block_q, block_k)
+    j_first, j_last = blocks.first_last(meets, axis=2, none=(0, 0))
+    i_first, i_last = blocks.first_last(meets, axis=1, none=(0, 0))
     flat = lambda x: x.reshape(-1).astype(jnp.int32)
     return dict(
         j_first=flat(j_first), j_last=flat(j_last), i_first=flat(i_first), i_last=flat(i_last),
@@ -462,10 +443,10 @@ def attention(
         raise ValueError(f"block_q must be a multiple of 16 and block_k of 128; got {block_q}, {block_k}")
     if interpret is True:
         interpret = pltpu.InterpretParams()
-    hp = _round_up(h, _LANES)
-    bq = min(block_q, _round_up(t, 16))
-    bk = min(block_k, _round_up(s_len, _LANES))
-    tp, sp = _round_up(t, bq), _round_up(s_len, bk)
+    hp = blocks.round_up(h, _LANES)
+    bq = min(block_q, blocks.round_up(t, 16))
+    bk = min(block_k, blocks.round_up(s_len, _LANES))
+    tp, sp = blocks.round_up(t, bq), blocks.round_up(s_len, bk)
     cfg = _Config(
         scale=float(scale), softcap=None if softcap is None else float(softcap), groups=n // kvh,
         head_dim=hp, block_q=bq, block_k=bk, interpret=interpret,

@@ -14,6 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels.blocks import round_up
+
 
 def _valid_rows(k_start: jax.Array, k_end: jax.Array) -> jax.Array:
     """bool [B, T]: rows with a non-empty interval (real tokens)."""
@@ -46,7 +48,7 @@ def splash(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array, k_end: 
     kv_heads = k.shape[2]
     g = n // kv_heads
     block = 128
-    tp = -(-t // block) * block  # splash needs whole blocks: pad the tail (its rows are discarded)
+    tp = round_up(t, block)  # splash needs whole blocks: pad the tail (its rows are discarded)
     valid = _valid_rows(k_start, k_end)
     pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
     qs = jnp.pad(q * jnp.asarray(scale, q.dtype), pad).reshape(b, tp, kv_heads, g, h)
@@ -65,24 +67,25 @@ def splash(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array, k_end: 
 
 
 def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array, k_end: jax.Array, *, scale: float,
-          window: int | None, implementation: str | None = "cudnn") -> jax.Array:
-    """jax.nn.dot_product_attention with is_causal and local_window_size=(W - 1, 0).
+          window: int | None, interpret: bool = False) -> jax.Array:
+    """jax.nn.dot_product_attention with is_causal and local_window_size=(W - 1, 0)
+    (its XLA implementation when `interpret`, i.e. on CPU).
 
     cuDNN has no cheap form of left padding (a bias or mask would be
-    materialized at [B, N, T, S]), so a batch holding padding rows takes the
-    exact reference path instead (lax.cond: only one branch runs).
+    materialized at [B, N, T, S]), so a batch holding padding rows takes our
+    flash kernel instead (lax.cond: only one branch runs; both stay O(T) in memory).
     """
-    from kernels import reference
+    from kernels import flash_gpu
 
     valid = _valid_rows(k_start, k_end)
     local = None if window is None else (window - 1, 0)
 
     def fused(q, k, v):
         out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local,
-                                           implementation=implementation)
+                                           implementation=None if interpret else "cudnn")
         return out.astype(q.dtype)
 
     def exact(q, k, v):
-        return reference.attention(q, k, v, k_start, k_end, scale=scale)
+        return flash_gpu.attention(q, k, v, k_start, k_end, scale=scale, interpret=interpret)
 
     return jax.lax.cond(jnp.all(valid), fused, exact, q, k, v)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from kernels import banded, decode, reference
+from kernels.blocks import EMPTY
 
-EMPTY = -(2**30)
 ATOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 # jit: one compilation per configuration instead of one per eager op.
 decode_attention = jax.jit(decode.attention, static_argnames=(

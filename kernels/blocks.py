@@ -1,0 +1,50 @@
+"""Block-level view of per-query key intervals, shared by the Pallas kernels (small XLA reductions).
+
+A query block's hull is [min k_start, max k_end] over its non-empty rows; a key
+block's hull is [min k_pos, max k_pos] over its filled slots (k_pos > EMPTY). Two
+blocks can hold a visible pair only if their hulls meet; every kernel skips the
+rest. No T x S mask is ever built: the table is [B, T/bq, S/bk].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+EMPTY = -(2**30)  # k_pos of an unused cache slot or a padding key: outside every interval
+BIG = 2**31 - 1
+
+
+def hulls(k_start: jax.Array, k_end: jax.Array, k_pos: jax.Array, block_q: int, block_k: int):
+    """k_start, k_end [B, T], k_pos [B, S] (T % block_q == S % block_k == 0) ->
+    q_lo, q_hi [B, T/bq]; k_lo, k_hi [B, S/bk]; meets bool [B, T/bq, S/bk].
+    A block with no non-empty row (filled slot) has an inverted hull and meets nothing."""
+    b, t = k_start.shape
+    s = k_pos.shape[1]
+    nonempty = k_start <= k_end
+    q_lo = jnp.where(nonempty, k_start, BIG).reshape(b, t // block_q, block_q).min(-1)
+    q_hi = jnp.where(nonempty, k_end, -BIG).reshape(b, t // block_q, block_q).max(-1)
+    filled = k_pos > EMPTY
+    k_lo = jnp.where(filled, k_pos, BIG).reshape(b, s // block_k, block_k).min(-1)
+    k_hi = jnp.where(filled, k_pos, -BIG).reshape(b, s // block_k, block_k).max(-1)
+    meets = (q_lo[:, :, None] <= k_hi[:, None, :]) & (q_hi[:, :, None] >= k_lo[:, None, :])
+    return q_lo, q_hi, k_lo, k_hi, meets
+
+
+def first_last(mask: jax.Array, axis: int, none: tuple[int, int] = (0, -1)) -> tuple[jax.Array, jax.Array]:
+    """First and last True index of bool `mask` along `axis` (int32); `none` where there is none."""
+    n = mask.shape[axis]
+    first = jnp.argmax(mask, axis=axis)
+    last = n - 1 - jnp.argmax(jnp.flip(mask, axis), axis=axis)
+    any_ = jnp.any(mask, axis=axis)
+    return (jnp.where(any_, first, none[0]).astype(jnp.int32), jnp.where(any_, last, none[1]).astype(jnp.int32))
+
+
+def round_up(x: int, m: int) -> int:
+    """The smallest multiple of m that is >= x."""
+    return -(-x // m) * m
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1)."""
+    return 1 << max(x - 1, 0).bit_length()
