@@ -19,9 +19,9 @@ from vision.siglip import normal_init
 def dense(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
     """jnp.einsum(spec, x, w) for an activation x and a weight w, e.g. "BTD,DNH->BTNH".
 
-    Matrix-vector products (<= cpu_dense.MAX_ROWS rows) with bf16 weights on CPU go to kernels.cpu_dense, which
-    streams the weights at memory speed where XLA's bf16 dot crawls; the result is the same
-    product accumulated in f32, returned in einsum's dtype.
+    Decode-sized products (<= cpu_dense.MAX_ROWS rows) with f32 or bf16 weights on CPU go to
+    kernels.cpu_dense, which streams the weights at memory speed where XLA's few-row dots do not;
+    the result is the same product accumulated in f32, returned in einsum's dtype.
     """
     (lhs, rhs), out = spec.split("->")[0].split(","), spec.split("->")[1]
     batch = "".join(a for a in lhs if a not in rhs)

@@ -1,16 +1,25 @@
-// Matrix-vector products with bfloat16 weights on x86 CPUs, for decode-sized inputs.
+// Decode-sized dense products on x86 CPUs: y = x . w for a few rows of x, streaming w once.
 //
-// XLA:CPU runs bf16 dots an order of magnitude slower than f32 ones; these two
-// kernels stream the bf16 weights once, widen each 16-lane vector to f32
-// exactly (a 16-bit shift) and accumulate in f32, so a decode step reads half
-// the bytes of an f32 model. x and y are f32.
+// XLA:CPU runs bf16 dots an order of magnitude slower than f32 ones, and its f32 GEMM path
+// reads small-M products well below memory speed. These kernels read each weight once per call
+// (bf16 weights are widened to f32 exactly, a 16-bit shift), keep every row of x against the
+// weight vector in registers, and accumulate in f32. x and y are f32.
 //
-//   gemma_dense_minor:  y[m, v] = sum_d x[m, d] * w[v, d]   (w [V, D], the tied embedding)
-//   gemma_dense_major:  y[m, v] = sum_d x[m, d] * w[d, v]   (w [D, V], projections and MLP)
+//   gemma_dense_minor_{f32,bf16}:  y[m, v] = sum_d x[m, d] * w[v, d]   (w [V, D], the tied embedding)
+//   gemma_dense_major_{f32,bf16}:  y[m, v] = sum_d x[m, d] * w[d, v]   (w [D, V], projections and MLP)
+//
+// Work is split into chunks of contiguous weight rows, claimed from an atomic counter by the
+// calling thread and by tasks on XLA's intra-op thread pool: no second thread pool competes with
+// XLA's, and a task that starts late finds nothing left and returns.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -18,98 +27,258 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-inline __m512 widen(const uint16_t* p) {  // 16 bf16 -> 16 f32, exact
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+constexpr int64_t kMaxRows = 8;  // rows of x held against one weight vector; more rows loop
+constexpr int64_t kPrefetch = 4096;  // bytes ahead of the weight stream to prefetch (best of 1-16 KB here)
 
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
 
-inline __m512 widen_masked(const uint16_t* p, int64_t n) {
+// 16 weights -> 16 f32 lanes (bf16 widened exactly); `n` < 16 loads a masked tail.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(tail_mask(n), p); }
+inline __m512 load16(const uint16_t* p, int64_t n) {
   __m256i h = _mm256_maskz_loadu_epi16(tail_mask(n), p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-ffi::Error DenseMinor(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
-  const int64_t M = x.dimensions()[0], D = x.dimensions()[1], V = w.dimensions()[0];
-  if (w.dimensions()[1] != D) return ffi::Error::InvalidArgument("dense_minor: x [M, D] and w [V, D] disagree");
-  const uint16_t* W = reinterpret_cast<const uint16_t*>(w.typed_data());
-  const float* X = x.typed_data();
-  float* Y = y->typed_data();
-#pragma omp parallel for schedule(static)
-  for (int64_t v = 0; v < V; ++v) {
-    const uint16_t* row = W + v * D;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = X + m * D;
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      int64_t d = 0;
-      for (; d + 32 <= D; d += 32) {
-        a0 = _mm512_fmadd_ps(widen(row + d), _mm512_loadu_ps(xm + d), a0);
-        a1 = _mm512_fmadd_ps(widen(row + d + 16), _mm512_loadu_ps(xm + d + 16), a1);
-      }
-      for (; d < D; d += 16) {
-        __mmask16 k = tail_mask(D - d);
-        a0 = _mm512_fmadd_ps(widen_masked(row + d, D - d), _mm512_maskz_loadu_ps(k, xm + d), a0);
-      }
-      Y[m * V + v] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+// A job: chunks [0, n) claimed one at a time from an atomic counter by the calling thread and by
+// tasks on XLA's intra-op thread pool (no second pool competes with XLA's threads). The caller
+// waits only for chunks that someone has claimed, so a task that starts late finds nothing to do
+// and no call ever waits on a task that has not started.
+struct Job {
+  std::function<void(int64_t, int64_t)> body;  // (chunk, worker)
+  int64_t chunks = 0, workers = 1;
+  std::atomic<int64_t> next{0}, done{0}, worker{1};
+
+  void run(int64_t w) {
+    if (w >= workers) return;
+    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+      body(c, w);
+      done.fetch_add(1, std::memory_order_release);
     }
   }
+};
+
+// Runs body(chunk, worker) for chunk in [0, chunks), worker in [0, workers), on the calling
+// thread and workers - 1 pool tasks.
+template <typename F>
+void parallel_chunks(ffi::ThreadPool& pool, int64_t chunks, int64_t workers, F body) {
+  auto job = std::make_shared<Job>();
+  job->body = body;
+  job->chunks = chunks;
+  job->workers = workers;
+  for (int64_t t = 1; t < workers; ++t) pool.Schedule([job] { job->run(job->worker.fetch_add(1)); });
+  job->run(0);
+  while (job->done.load(std::memory_order_acquire) < chunks) _mm_pause();  // claimed chunks only
+}
+
+// Weight rows per claimed chunk: at most kChunkBytes, and at least 4 chunks per thread so that
+// small matrices split evenly; a multiple of `align`.
+constexpr int64_t kChunkBytes = 256 << 10;
+int64_t chunk_rows(int64_t rows, int64_t row_bytes, int64_t threads, int64_t align) {
+  int64_t n = std::min(kChunkBytes / std::max<int64_t>(1, row_bytes), (rows + 4 * threads - 1) / (4 * threads));
+  return std::max(align, (n + align - 1) / align * align);
+}
+
+// y[m0 + m, v] for v in [v0, v1), MM rows of x at once, R weight rows per register tile.
+template <int MM, typename W>
+void minor_rows(const float* X, const W* Wt, float* Y, int64_t D, int64_t V, int64_t v0, int64_t v1) {
+  constexpr int R = MM <= 2 ? 1 : MM <= 4 ? 3 : 2;
+  int64_t v = v0;
+  auto tile = [&](auto rows_tag) {
+    constexpr int RR = decltype(rows_tag)::value;
+    __m512 acc[RR][MM];
+    for (int r = 0; r < RR; ++r)
+      for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      __m512 w[RR];
+      for (int r = 0; r < RR; ++r) {
+        w[r] = load16(Wt + (v + r) * D + d);
+        _mm_prefetch(reinterpret_cast<const char*>(Wt + (v + r) * D + d) + kPrefetch, _MM_HINT_T0);
+      }
+      for (int m = 0; m < MM; ++m) {
+        __m512 x = _mm512_loadu_ps(X + m * D + d);
+        for (int r = 0; r < RR; ++r) acc[r][m] = _mm512_fmadd_ps(w[r], x, acc[r][m]);
+      }
+    }
+    if (d < D) {
+      __m512 w[RR];
+      for (int r = 0; r < RR; ++r) w[r] = load16(Wt + (v + r) * D + d, D - d);
+      for (int m = 0; m < MM; ++m) {
+        __m512 x = _mm512_maskz_loadu_ps(tail_mask(D - d), X + m * D + d);
+        for (int r = 0; r < RR; ++r) acc[r][m] = _mm512_fmadd_ps(w[r], x, acc[r][m]);
+      }
+    }
+    for (int r = 0; r < RR; ++r)
+      for (int m = 0; m < MM; ++m) Y[m * V + v + r] = _mm512_reduce_add_ps(acc[r][m]);
+  };
+  for (; v + R <= v1; v += R) tile(std::integral_constant<int, R>{});
+  for (; v < v1; ++v) tile(std::integral_constant<int, 1>{});
+}
+
+template <typename W>
+void minor_block(const float* X, const W* Wt, float* Y, int64_t M, int64_t D, int64_t V, int64_t v0, int64_t v1) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const float* x = X + m0 * D;
+    float* y = Y + m0 * V;
+    switch (std::min(kMaxRows, M - m0)) {
+      case 1: minor_rows<1>(x, Wt, y, D, V, v0, v1); break;
+      case 2: minor_rows<2>(x, Wt, y, D, V, v0, v1); break;
+      case 3: minor_rows<3>(x, Wt, y, D, V, v0, v1); break;
+      case 4: minor_rows<4>(x, Wt, y, D, V, v0, v1); break;
+      case 5: minor_rows<5>(x, Wt, y, D, V, v0, v1); break;
+      case 6: minor_rows<6>(x, Wt, y, D, V, v0, v1); break;
+      case 7: minor_rows<7>(x, Wt, y, D, V, v0, v1); break;
+      default: minor_rows<8>(x, Wt, y, D, V, v0, v1); break;
+    }
+  }
+}
+
+// acc[m, v] += sum_{d in [d0, d1)} x[m, d] * w[d, v], MM rows of x at once, 8 weight rows per pass.
+// A group is CW vectors of 16 columns: each broadcast x[m, d] feeds CW FMAs, and each acc vector
+// takes its 8 products in two independent chains (one chain of 8 FMAs is bound by FMA latency).
+// Rows stream in memory order; the next pass is prefetched.
+template <int RR, int CW, int MM, bool kTail, typename W>
+inline void major_group(const float* X, const W* row, float* acc, int64_t ldy, int64_t D, int64_t V, int64_t d,
+                        int64_t v) {
+  const int64_t n = V - v;  // kTail: one vector, n < 16 columns
+  __m512 w[RR][CW];
+#pragma GCC unroll 8
+  for (int r = 0; r < RR; ++r) {
+#pragma GCC unroll 2
+    for (int c = 0; c < CW; ++c) w[r][c] = kTail ? load16(row + r * V + v, n) : load16(row + r * V + v + 16 * c);
+    _mm_prefetch(reinterpret_cast<const char*>(row + (r + RR) * V + v), _MM_HINT_T0);
+    if (CW * 16 * sizeof(W) > 64) _mm_prefetch(reinterpret_cast<const char*>(row + (r + RR) * V + v) + 64, _MM_HINT_T0);
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MM; ++m) {
+    const float* xm = X + m * D + d;
+    float* a = acc + m * ldy + v;
+    __m512 even[CW], odd[CW];
+#pragma GCC unroll 2
+    for (int c = 0; c < CW; ++c) {
+      even[c] = kTail ? _mm512_maskz_loadu_ps(tail_mask(n), a) : _mm512_loadu_ps(a + 16 * c);
+      odd[c] = _mm512_setzero_ps();
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RR; ++r) {
+      __m512 xb = _mm512_set1_ps(xm[r]);
+#pragma GCC unroll 2
+      for (int c = 0; c < CW; ++c) {
+        if (r % 2 == 0) even[c] = _mm512_fmadd_ps(w[r][c], xb, even[c]);
+        else odd[c] = _mm512_fmadd_ps(w[r][c], xb, odd[c]);
+      }
+    }
+#pragma GCC unroll 2
+    for (int c = 0; c < CW; ++c) {
+      __m512 y = _mm512_add_ps(even[c], odd[c]);
+      if (kTail) _mm512_mask_storeu_ps(a, tail_mask(n), y); else _mm512_storeu_ps(a + 16 * c, y);
+    }
+  }
+}
+
+template <int MM, typename W>
+void major_rows(const float* X, const W* Wt, float* acc, int64_t ldy, int64_t D, int64_t V, int64_t d0, int64_t d1) {
+  int64_t d = d0;
+  auto pass = [&](auto rows_tag) {
+    constexpr int RR = decltype(rows_tag)::value;
+    const W* row = Wt + d * V;
+    int64_t v = 0;
+    for (; v + 32 <= V; v += 32) major_group<RR, 2, MM, false>(X, row, acc, ldy, D, V, d, v);
+    for (; v + 16 <= V; v += 16) major_group<RR, 1, MM, false>(X, row, acc, ldy, D, V, d, v);
+    if (v < V) major_group<RR, 1, MM, true>(X, row, acc, ldy, D, V, d, v);
+  };
+  for (; d + 8 <= d1; d += 8) pass(std::integral_constant<int, 8>{});
+  for (; d < d1; ++d) pass(std::integral_constant<int, 1>{});
+}
+
+template <typename W>
+void major_block(const float* X, const W* Wt, float* acc, int64_t ldy, int64_t M, int64_t D, int64_t V, int64_t d0,
+                 int64_t d1) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const float* x = X + m0 * D;
+    float* a = acc + m0 * ldy;
+    switch (std::min(kMaxRows, M - m0)) {
+      case 1: major_rows<1>(x, Wt, a, ldy, D, V, d0, d1); break;
+      case 2: major_rows<2>(x, Wt, a, ldy, D, V, d0, d1); break;
+      case 3: major_rows<3>(x, Wt, a, ldy, D, V, d0, d1); break;
+      case 4: major_rows<4>(x, Wt, a, ldy, D, V, d0, d1); break;
+      case 5: major_rows<5>(x, Wt, a, ldy, D, V, d0, d1); break;
+      case 6: major_rows<6>(x, Wt, a, ldy, D, V, d0, d1); break;
+      case 7: major_rows<7>(x, Wt, a, ldy, D, V, d0, d1); break;
+      default: major_rows<8>(x, Wt, a, ldy, D, V, d0, d1); break;
+    }
+  }
+}
+
+// y [M, V] = x [M, D] . w [V, D]^T: chunks of whole weight rows, one y column block each.
+template <typename W>
+void dense_minor(ffi::ThreadPool& pool, const float* X, const W* Wt, float* Y, int64_t M, int64_t D, int64_t V,
+                 int64_t threads) {
+  const int64_t rows = chunk_rows(V, D * sizeof(W), threads, 16);
+  const int64_t chunks = (V + rows - 1) / rows;
+  parallel_chunks(pool, chunks, std::min(chunks, threads), [&](int64_t c, int64_t) {
+    minor_block(X, Wt, Y, M, D, V, c * rows, std::min(V, (c + 1) * rows));
+  });
+}
+
+// y [M, V] = x [M, D] . w [D, V]: chunks of whole weight rows; each worker sums its chunks into
+// its own partial y, and the partials are added up at the end. Partial rows are padded: rows
+// V floats apart alias in the 4 KB store-to-load check when V is a multiple of 1024.
+template <typename W>
+void dense_major(ffi::ThreadPool& pool, const float* X, const W* Wt, float* Y, int64_t M, int64_t D, int64_t V,
+                 int64_t threads) {
+  const int64_t rows = chunk_rows(D, V * sizeof(W), threads, 8);
+  const int64_t chunks = (D + rows - 1) / rows;
+  const int64_t workers = std::min(chunks, threads);
+  const int64_t ldy = V + 16;
+  std::vector<float> partial(workers * M * ldy, 0.0f);
+  parallel_chunks(pool, chunks, workers, [&](int64_t c, int64_t worker) {
+    major_block(X, Wt, partial.data() + worker * M * ldy, ldy, M, D, V, c * rows, std::min(D, (c + 1) * rows));
+  });
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t v = 0; v < V; ++v) {
+      float sum = 0.0f;
+      for (int64_t t = 0; t < workers; ++t) sum += partial[(t * M + m) * ldy + v];
+      Y[m * V + v] = sum;
+    }
+}
+
+int64_t threads_of(ffi::ThreadPool& pool) {
+  const char* env = std::getenv("GEMMA_CPU_THREADS");  // default: XLA's intra-op parallelism
+  return std::max<int64_t>(1, env ? std::atoll(env) : pool.num_threads());
+}
+
+template <ffi::DataType T, typename W>
+ffi::Error Minor(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t M = x.dimensions()[0], D = x.dimensions()[1], V = w.dimensions()[0];
+  if (w.dimensions()[1] != D) return ffi::Error::InvalidArgument("dense_minor: x [M, D] and w [V, D] disagree");
+  dense_minor(pool, x.typed_data(), reinterpret_cast<const W*>(w.typed_data()), y->typed_data(), M, D, V, threads_of(pool));
   return ffi::Error::Success();
 }
 
-ffi::Error DenseMajor(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+template <ffi::DataType T, typename W>
+ffi::Error Major(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::ResultBuffer<ffi::F32> y) {
   const int64_t M = x.dimensions()[0], D = x.dimensions()[1], V = w.dimensions()[1];
   if (w.dimensions()[0] != D) return ffi::Error::InvalidArgument("dense_major: x [M, D] and w [D, V] disagree");
-  const uint16_t* W = reinterpret_cast<const uint16_t*>(w.typed_data());
-  const float* X = x.typed_data();
-  float* Y = y->typed_data();
-  constexpr int64_t kBand = 1024;  // columns per task: y[M, band] stays in L1/L2 while w streams row by row
-  const int64_t bands = (V + kBand - 1) / kBand;
-#pragma omp parallel for schedule(static)
-  for (int64_t band = 0; band < bands; ++band) {
-    const int64_t v0 = band * kBand, width = std::min(kBand, V - v0);
-    for (int64_t m = 0; m < M; ++m) std::fill(Y + m * V + v0, Y + m * V + v0 + width, 0.0f);
-    int64_t d = 0;
-    for (; d + 4 <= D; d += 4) {  // four rows per pass: one load/store of y per four weight vectors
-      const uint16_t* r = W + d * V + v0;
-      for (int64_t v = 0; v < width; v += 16) {
-        const int64_t n = width - v;
-        const __mmask16 k = tail_mask(n);
-        __m512 w0 = widen_masked(r + v, n), w1 = widen_masked(r + V + v, n);
-        __m512 w2 = widen_masked(r + 2 * V + v, n), w3 = widen_masked(r + 3 * V + v, n);
-        for (int64_t m = 0; m < M; ++m) {
-          const float* xm = X + m * D + d;
-          float* ym = Y + m * V + v0 + v;
-          __m512 acc = _mm512_maskz_loadu_ps(k, ym);
-          acc = _mm512_fmadd_ps(w0, _mm512_set1_ps(xm[0]), acc);
-          acc = _mm512_fmadd_ps(w1, _mm512_set1_ps(xm[1]), acc);
-          acc = _mm512_fmadd_ps(w2, _mm512_set1_ps(xm[2]), acc);
-          acc = _mm512_fmadd_ps(w3, _mm512_set1_ps(xm[3]), acc);
-          _mm512_mask_storeu_ps(ym, k, acc);
-        }
-      }
-    }
-    for (; d < D; ++d) {
-      const uint16_t* r = W + d * V + v0;
-      for (int64_t v = 0; v < width; v += 16) {
-        const int64_t n = width - v;
-        const __mmask16 k = tail_mask(n);
-        __m512 w0 = widen_masked(r + v, n);
-        for (int64_t m = 0; m < M; ++m) {
-          float* ym = Y + m * V + v0 + v;
-          _mm512_mask_storeu_ps(ym, k, _mm512_fmadd_ps(w0, _mm512_set1_ps(X[m * D + d]), _mm512_maskz_loadu_ps(k, ym)));
-        }
-      }
-    }
-  }
+  dense_major(pool, x.typed_data(), reinterpret_cast<const W*>(w.typed_data()), y->typed_data(), M, D, V, threads_of(pool));
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma_dense_minor, DenseMinor,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma_dense_major, DenseMajor,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#define GEMMA_DENSE(symbol, fn, T, W)                                                            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, (fn<T, W>), ffi::Ffi::Bind()                             \
+                                                        .Ctx<ffi::ThreadPool>()                  \
+                                                        .Arg<ffi::Buffer<ffi::F32>>()            \
+                                                        .Arg<ffi::Buffer<T>>()                   \
+                                                        .Ret<ffi::Buffer<ffi::F32>>());
+
+GEMMA_DENSE(gemma_dense_minor_f32, Minor, ffi::F32, float)
+GEMMA_DENSE(gemma_dense_minor_bf16, Minor, ffi::BF16, uint16_t)
+GEMMA_DENSE(gemma_dense_major_f32, Major, ffi::F32, float)
+GEMMA_DENSE(gemma_dense_major_bf16, Major, ffi::BF16, uint16_t)

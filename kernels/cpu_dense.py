@@ -1,12 +1,14 @@
-"""bf16-weight matrix-vector products on x86 CPUs, through an XLA FFI custom call.
+"""Decode-sized dense products (1-8 rows) on x86 CPUs, through an XLA FFI custom call.
 
-XLA:CPU (jaxlib 0.12) runs a bf16 dot at 1-4 GB/s, ten times slower than the
-f32 one, so a bf16 model decoded slower than an f32 one. The two kernels in
-cpu_dense.cc stream bf16 weights once, widen them to f32 exactly and accumulate
-in f32. They are compiled on first use with the system C++ compiler into a
-cache directory ($GEMMA_CACHE, default ~/.cache/gemma3-jax); without a
-compiler, AVX-512 or on another backend, `available()` is False and callers
-keep jnp.einsum.
+Decode reads every weight once per token, so it runs at memory speed or not at
+all. XLA:CPU (jaxlib 0.12) runs a bf16 matrix-vector dot at 1-5 GB/s, and its
+f32 GEMM path reads a few-row product at 7-10 GB/s; the kernels in
+cpu_dense.cc stream f32 or bf16 weights once (bf16 widened to f32 exactly),
+prefetch ahead of the stream, hold every row of x against each weight vector and
+accumulate in f32, on XLA's own intra-op thread pool. They are compiled on first
+use with the system C++ compiler into a cache directory ($GEMMA_CACHE, default
+~/.cache/gemma3-jax); without a compiler, AVX-512 or on another backend,
+`available()` is False and callers keep jnp.einsum.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import jax
 import jax.numpy as jnp
 
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_dense.cc")
-# XLA's bf16 dot is slow only as a matrix-vector product: measured here ([262144, 640] head,
-# [640, 2048] MLP), the kernels win at 1 row (22 vs 339 ms; 0.28 vs 0.83 ms) and 2 rows, and XLA's
-# GEMM path wins from 4 rows (39 vs 32 ms head at 4 rows, 67 vs 39 ms at 8).
-MAX_ROWS = 2
+# benchmarks/cpu_dense.py (chained products, weights streamed from memory as in decode), 1 / 8 rows:
+# [640, 2048] f32 22.6 / 11.7 GB/s against XLA's 16.5 / 3.5, bf16 16.2 / 8.2 against 1.3 / 6.3; the
+# [262144, 640] head f32 21.0 / 17.6 against 20.3 / 9.5. Beyond 8 rows XLA's GEMM path reuses
+# each weight enough.
+MAX_ROWS = 8
 
 
 def _cpu_flags() -> set[str]:
@@ -56,32 +59,35 @@ def available() -> bool:
         if not os.path.exists(lib):
             os.makedirs(cache, exist_ok=True)
             tmp = f"{lib}.{os.getpid()}.tmp"
-            subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
+            subprocess.run([compiler, "-O3", "-march=native", "-shared", "-fPIC", "-std=c++17",
                             "-w", f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp],
                            check=True, capture_output=True, timeout=300)
             os.replace(tmp, lib)
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin against XLA's
         handle = ctypes.cdll.LoadLibrary(lib)
-        for name in ("gemma_dense_minor", "gemma_dense_major"):
+        for name in (f"gemma_dense_{layout}_{w}" for layout in ("minor", "major") for w in ("f32", "bf16")):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, name)), platform="cpu")
     except (OSError, subprocess.SubprocessError) as e:
-        warnings.warn(f"bf16 CPU kernels unavailable ({e}); bf16 decode uses XLA's slower dot")
+        detail = getattr(e, "stderr", b"") or b""
+        warnings.warn(f"CPU dense kernels unavailable ({e} {detail[-400:].decode(errors='replace')}); "
+                      "decode uses XLA's slower dots")
         return False
     return True
 
 
 def usable(x: jax.Array, w: jax.Array, rows: int) -> bool:
-    """Whether dense() serves this product: bf16 weights, <= MAX_ROWS rows, CPU backend, kernels built."""
-    return (w.dtype == jnp.bfloat16 and rows <= MAX_ROWS and jax.default_backend() == "cpu" and available())
+    """Whether dense() serves this product: f32 or bf16 weights, <= MAX_ROWS rows, CPU backend, kernels built."""
+    return (w.dtype in (jnp.float32, jnp.bfloat16) and rows <= MAX_ROWS and jax.default_backend() == "cpu"
+            and available())
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def dense(x: jax.Array, w: jax.Array, layout: str) -> jax.Array:
-    """f32 [M, V] = x [M, D] . w, with w bf16 [V, D] (layout "minor": contract w's last axis) or
-    [D, V] ("major": its first). Differentiable (tangents through jnp.einsum)."""
+    """f32 [M, V] = x [M, D] . w, with w f32 or bf16 [V, D] (layout "minor": contract w's last axis)
+    or [D, V] ("major": its first). Any M (the kernels take 8 rows per pass). Differentiable
+    (tangents through jnp.einsum)."""
     m = x.shape[0]
     v = w.shape[0] if layout == "minor" else w.shape[1]
-    target = "gemma_dense_minor" if layout == "minor" else "gemma_dense_major"
+    target = f"gemma_dense_{layout}_{'bf16' if w.dtype == jnp.bfloat16 else 'f32'}"
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, v), jnp.float32))(x.astype(jnp.float32), w)
 
 

@@ -1,4 +1,4 @@
-"""kernels.cpu_dense: bf16-weight matrix-vector kernels for CPU decode, against f32 einsum."""
+"""kernels.cpu_dense: decode-sized f32 / bf16-weight kernels for CPU, against f32 einsum."""
 
 import jax
 import jax.numpy as jnp
@@ -14,33 +14,41 @@ from kernels import cpu_dense
 pytestmark = pytest.mark.skipif(not cpu_dense.available(), reason="needs x86 AVX-512 and a C++ compiler")
 
 
+@pytest.mark.parametrize("wdtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("layout", ["minor", "major"])
-@pytest.mark.parametrize("m,d,v", [(1, 640, 2048), (3, 37, 1030), (16, 64, 17), (8, 96, 3000), (2, 5, 1)])
-def test_kernel_equals_f32_einsum(layout, m, d, v):
+@pytest.mark.parametrize("m,d,v", [(1, 640, 2048), (3, 37, 1030), (16, 64, 17), (8, 96, 3000), (2, 5, 1),
+                                   (5, 203, 77), (11, 1000, 40), (7, 16, 4099)])
+def test_kernel_equals_f32_einsum(layout, wdtype, m, d, v):
+    """Row counts 1-16 (16 and 11 take two 8-row passes), ragged D and V (masked tails, odd row
+    tiles), and shapes that split into many chunks across threads."""
     rng = np.random.default_rng(m * 1000 + d)
     x = jnp.asarray(rng.standard_normal((m, d)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((v, d) if layout == "minor" else (d, v)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((v, d) if layout == "minor" else (d, v)), wdtype)
     spec = "MD,VD->MV" if layout == "minor" else "MD,DV->MV"
     want = jnp.einsum(spec, x, w.astype(jnp.float32), precision="highest")
     got = jax.jit(cpu_dense.dense, static_argnums=2)(x, w, layout)
-    # the same products of exactly widened bf16 weights, summed in another order
+    assert got.dtype == jnp.float32 and got.shape == want.shape
+    # the same products (bf16 weights widened exactly), summed in another order
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * np.sqrt(d), rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("spec,xs,ws", [
     ("BTD,DNH->BTNH", (2, 1, 32), (32, 4, 16)),
     ("BTNH,NHD->BTD", (1, 1, 4, 16), (4, 16, 32)),
     ("BTD,VD->BTV", (2, 1, 32), (300, 32)),
+    ("BTD,DF->BTF", (8, 1, 48), (48, 96)),
 ])
-def test_dense_reshapes_like_einsum_and_differentiates(spec, xs, ws):
+def test_dense_reshapes_like_einsum_and_differentiates(spec, xs, ws, dtype):
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal(xs), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal(ws), jnp.bfloat16)
-    want = jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32))
+    x = jnp.asarray(rng.standard_normal(xs), dtype)
+    w = jnp.asarray(rng.standard_normal(ws), dtype)
+    want = jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
     assert cpu_dense.usable(x, w, xs[0] * xs[1])  # the kernel path, not the einsum fallback
     got = dense(spec, x, w)
-    assert got.shape == want.shape and got.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=0.05, rtol=1e-2)
+    assert got.shape == want.shape and got.dtype == dtype
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == jnp.float32 else dict(atol=0.05, rtol=1e-2)  # bf16: output rounding
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), **tol)
     g = jax.grad(lambda x, w: jnp.sum(dense(spec, x, w, preferred_element_type=jnp.float32)), argnums=(0, 1))(x, w)
     gw = jax.grad(lambda x, w: jnp.sum(jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)),
                   argnums=(0, 1))(x, w)
@@ -49,13 +57,13 @@ def test_dense_reshapes_like_einsum_and_differentiates(spec, xs, ws):
 
 
 def test_bf16_decode_step_matches_the_f32_model():
-    """A bf16 model's decode logits (through the kernel) against the same weights run in f32."""
+    """A bf16 model's decode logits (through the kernels) against the same weights run in f32 by XLA."""
     m32 = Transformer(C.tiny(), rngs=nnx.Rngs(0))
     m16 = Transformer(C.tiny(), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     nnx.update(m16, jax.tree.map(lambda a: a.astype(jnp.bfloat16), nnx.state(m32)))
     nnx.update(m32, jax.tree.map(lambda a: a.astype(jnp.float32), nnx.state(m16)))  # same (bf16-exact) weights
     tokens = jnp.asarray([[5], [77]], jnp.int32)
-    want = m32(tokens)
+    want = m32(jnp.tile(tokens, (cpu_dense.MAX_ROWS, 1)))[:2]  # > MAX_ROWS rows: XLA's f32 einsums
     got = m16(tokens)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-2, rtol=0)
