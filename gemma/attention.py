@@ -64,7 +64,7 @@ class Attention(nnx.Module):
         return dense("BTNH,NHD->BTD", out, self.o_proj[...])
 
     def extend(self, x: jax.Array, positions: jax.Array, k_end: jax.Array, cache: LayerCache, length: jax.Array,
-               window: int | None) -> tuple[jax.Array, LayerCache]:
+               window: int | None, fresh: bool = False) -> tuple[jax.Array, LayerCache]:
         """Attention of a chunk over the cache plus itself, then the chunk is written.
 
         x [B, T, D]; positions int [B, T] (negative on padding); k_end [B, T]: the
@@ -72,7 +72,9 @@ class Attention(nnx.Module):
         padding); `length` [B]: tokens already in the cache. A single decode token is written first and
         attends over the cache alone (its ring slot held position p - W, which
         the window excludes); a longer chunk attends over cache + chunk keys
-        before writing, so chunks longer than the ring are exact.
+        before writing, so chunks longer than the ring are exact. `fresh` (static): the cache
+        holds nothing yet, so a chunk attends over its own keys alone (half the work of a first
+        prefill chunk, which would otherwise score every empty slot).
         """
         q = self.project_q(x, positions)
         k, v = self.project_kv(x, positions)
@@ -82,6 +84,9 @@ class Attention(nnx.Module):
         if x.shape[1] == 1:
             keys, values = new_cache.k, new_cache.v
             k_pos = new_cache.slot_positions(length + valid.sum(axis=1, dtype=jnp.int32))
+        elif fresh:  # the same keys (rounded to the cache's dtype) as the branch below, minus the empty slots
+            keys, values = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+            k_pos = jnp.where(valid, positions, EMPTY)
         else:
             keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
             values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)

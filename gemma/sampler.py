@@ -78,10 +78,10 @@ def sample_logits(logits: jax.Array, key: jax.Array, params: SamplingParams) -> 
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def _extend(graphdef, state, tokens, positions, cache, images=None):
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(4,))
+def _extend(graphdef, state, tokens, positions, cache, images=None, fresh=False):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.extend(tokens, positions, cache, last_only=True, images=images)
+    logits, cache = model.extend(tokens, positions, cache, last_only=True, images=images, fresh=fresh)
     return logits[:, 0], cache
 
 
@@ -283,6 +283,7 @@ class Sampler:
             tokens[b, width - len(row):] = row
             offsets[b, width - len(row):] = np.arange(len(row))
         start = np.asarray(cache.length)[:, None]
+        fresh = not start.any()  # the first chunk then attends over itself only
         positions = np.where(offsets >= 0, start + offsets, -1).astype(np.int32)
         logits = None
         chunk = width if images is not None else min(width, self.prefill_chunk)
@@ -290,7 +291,7 @@ class Sampler:
             sl = slice(c, c + chunk)
             logits, cache = _extend(self._graphdef, self._state, jnp.asarray(tokens[:, sl]),
                                     jnp.asarray(positions[:, sl]), cache,
-                                    None if images is None else jnp.asarray(images))
+                                    None if images is None else jnp.asarray(images), c == 0 and fresh)
         return logits, cache
 
     def _check_room(self, prompt_lengths: Sequence[int], max_new_tokens: int, used: int = 0) -> None:

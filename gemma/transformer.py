@@ -34,9 +34,10 @@ class Block(nnx.Module):
         x = x + self.post_attention_norm(self.attn(self.pre_attention_norm(x), positions, k_start, k_end, lookahead))
         return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
 
-    def extend(self, x, positions, k_end, cache, length):
+    def extend(self, x, positions, k_end, cache, length, fresh: bool = False):
         """The block over a chunk with a KV cache; returns (x, updated layer cache)."""
-        h, cache = self.attn.extend(self.pre_attention_norm(x), positions, k_end, cache, length, self.sliding_window)
+        h, cache = self.attn.extend(self.pre_attention_norm(x), positions, k_end, cache, length, self.sliding_window,
+                                    fresh)
         x = x + self.post_attention_norm(h)
         return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x))), cache
 
@@ -123,11 +124,12 @@ class Transformer(nnx.Module):
         return x if return_hidden else self.logits(x)
 
     def extend(self, tokens: jax.Array, positions: jax.Array, cache: Cache, last_only: bool = True,
-               images: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+               images: jax.Array | None = None, fresh: bool = False) -> tuple[jax.Array, Cache]:
         """Traceable cached forward of a chunk: prefill (T > 1) or one decode step (T = 1).
 
         tokens int [B, T]; positions int [B, T], negative on (left) padding;
         `images` for the soft tokens of this chunk (whole image blocks only).
+        `fresh` (static) promises an empty cache: the chunk then attends over itself only.
         Returns f32 logits [B, 1, V] of the last column (or [B, T, V]) and the cache.
         """
         x = self.embed(tokens, images)
@@ -138,7 +140,7 @@ class Transformer(nnx.Module):
             k_end = jnp.where(block_end >= 0, jnp.maximum(k_end, end_pos), k_end)
         layers = []
         for block, layer_cache in zip(self.layers, cache.layers):
-            x, layer_cache = block.extend(x, positions, k_end, layer_cache, cache.length)
+            x, layer_cache = block.extend(x, positions, k_end, layer_cache, cache.length, fresh)
             layers.append(layer_cache)
         length = cache.length + jnp.sum(positions >= 0, axis=1, dtype=jnp.int32)
         if last_only:

@@ -84,6 +84,25 @@ def test_chunked_prefill_equals_one_shot(tiny, tokenizer_270m, chunk):
     np.testing.assert_allclose(logits[0], full_logits(tiny, ids + [7])[-1], atol=2e-4, rtol=0)
 
 
+def test_fresh_prefill_equals_prefill_over_the_empty_cache(tiny):
+    """`fresh=True` (a first chunk skips the empty cache) gives the same logits and cache as the general
+    path that scores the empty slots too: left-padded rows, a chunk (20) longer than the window (8)."""
+    rng = np.random.default_rng(5)
+    lengths = (20, 13)
+    tokens = np.zeros((2, 20), np.int32)
+    positions = np.full((2, 20), -1, np.int32)
+    for b, n in enumerate(lengths):
+        tokens[b, 20 - n:] = rng.integers(3, 256, size=n)
+        positions[b, 20 - n:] = np.arange(n)
+    runs = [tiny.extend(jnp.asarray(tokens), jnp.asarray(positions), init_cache(tiny.config, 2, 32, jnp.float32),
+                        last_only=False, fresh=fresh) for fresh in (False, True)]
+    (want, want_cache), (got, got_cache) = runs
+    real = positions >= 0
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):  # later layers: sums in another order
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
 def test_mixed_length_batch_equals_each_alone(tiny, sampler):
     rng = np.random.default_rng(2)
     rows = [rng.integers(3, 256, size=n).tolist() for n in (3, 17, 11)]
