@@ -16,7 +16,9 @@ positions (slots at EMPTY = -2**30 ignored); their [B, T/bq, S/bk] overlap table
 loop its first and last block. With k_pos=None positions are monotone, so every block in
 that range overlaps; with a general k_pos (a ring cache) and in the dk/dv loop, each visited
 block is also checked against the table's bounds and skipped (lax.cond) when disjoint.
-Inside a visited block every element gets the exact interval test.
+Inside a visited block every element gets the exact interval test, except in the blocks
+`blocks.inside` marks (every row sees every slot: the bulk of a window or a causal
+prefix), which the forward and dq loops visit without a mask when positions are monotone.
 
 Unused cache slots may hold NaN: their K/V rows are zeroed before they meet a matmul
 (0 * NaN = NaN), and masked scores go through `where`, never through a multiply.
@@ -125,33 +127,58 @@ def _own_meta(meta_ref, idx):
 # ----------------------------------------------------------------------------- kernels
 
 
+def _own_loops(meta_ref, idx, general_pos: bool):
+    """Blocks the loop of block idx visits, as three ranges: masked [first, a), unmasked [a, b) (the
+    blocks `inside` its rows' intervals: contiguous when positions are monotone), masked [b, last].
+    With general positions every block takes the mask."""
+    lo, hi, first, last, in_first, in_last = (meta_ref[r, idx] for r in range(6))
+    if general_pos:
+        return lo, hi, (first, last + 1, last + 1, last + 1)
+    has = in_first <= in_last
+    a = jnp.where(has, in_first, last + 1)
+    b = jnp.where(has, in_last + 1, last + 1)
+    return lo, hi, (first, a, b, last + 1)
+
+
+def _loops(masked, unmasked, bounds, carry):
+    """Runs the masked, unmasked, masked loops over `bounds` = (first, a, b, end)."""
+    first, a, b, end = bounds
+    carry = lax.fori_loop(first, a, masked, carry)
+    carry = lax.fori_loop(a, b, unmasked, carry)
+    return lax.fori_loop(b, end, masked, carry)
+
+
 def _fwd_kernel(qmeta_ref, kmeta_ref, ks_ref, ke_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
     """One query block [bq, H] of one q head; online softmax over its key blocks."""
-    lo, hi, first, last = _own_meta(qmeta_ref, pl.program_id(1))
+    lo, hi, bounds = _own_loops(qmeta_ref, pl.program_id(1), cfg.general_pos)
     q, ks, ke = q_ref[...], ks_ref[...], ke_ref[...]
     bq, bk = q.shape[0], cfg.block_k
 
-    def visit(j, carry):
+    def visit(j, carry, masked: bool):
         acc, m, l = carry
         keys = pl.ds(j * bk, bk)
-        k_pos = kpos_ref[keys]
         s, _ = _logits(_dot(q, k_ref[keys, :], trans_b=True), cfg)
-        s = jnp.where(_visible(ks, ke, k_pos), s, -jnp.inf)
+        v = v_ref[keys, :]
+        if masked:
+            k_pos = kpos_ref[keys]
+            s = jnp.where(_visible(ks, ke, k_pos), s, -jnp.inf)
+            v = _zero_rows_outside(v, k_pos, lo, hi)
         m_new = jnp.maximum(m, s.max(axis=1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # rows with nothing visible yet
         alpha = jnp.exp2(m - m_safe)
         p = jnp.exp2(s - m_safe[:, None])
-        v = _zero_rows_outside(v_ref[keys, :], k_pos, lo, hi)
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, l * alpha + p.sum(axis=1)
 
-    body = _skip_disjoint(visit, kmeta_ref, lo, hi) if cfg.general_pos else visit
+    masked = functools.partial(visit, masked=True)
+    if cfg.general_pos:
+        masked = _skip_disjoint(masked, kmeta_ref, lo, hi)
     init = (
         jnp.zeros(q.shape, jnp.float32),
         jnp.full((bq,), -jnp.inf, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    acc, m, l = lax.fori_loop(first, last + 1, body, init)
+    acc, m, l = _loops(masked, functools.partial(visit, masked=False), bounds, init)
     empty = l == 0.0
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log2(l))
@@ -161,26 +188,32 @@ def _dq_kernel(
     qmeta_ref, kmeta_ref, ks_ref, ke_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg
 ):
     """dq for one query block of one q head: dq = scale * sum_j dS_j K_j."""
-    lo, hi, first, last = _own_meta(qmeta_ref, pl.program_id(1))
+    lo, hi, bounds = _own_loops(qmeta_ref, pl.program_id(1), cfg.general_pos)
     q, do, ks, ke = q_ref[...], do_ref[...], ks_ref[...], ke_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
     bk = cfg.block_k
 
-    def visit(j, dq):
+    def visit(j, dq, masked: bool):
         keys = pl.ds(j * bk, bk)
-        k_pos = kpos_ref[keys]
-        k = _zero_rows_outside(k_ref[keys, :], k_pos, lo, hi)
+        k = k_ref[keys, :]
+        if masked:
+            k_pos = kpos_ref[keys]
+            k = _zero_rows_outside(k, k_pos, lo, hi)
+            visible = _visible(ks, ke, k_pos)
         s, t = _logits(_dot(q, k, trans_b=True), cfg)
-        visible = _visible(ks, ke, k_pos)
-        p = jnp.exp2(jnp.where(visible, s, -jnp.inf) - lse[:, None])
+        p = jnp.exp2((jnp.where(visible, s, -jnp.inf) if masked else s) - lse[:, None])
         dp = _dot(do, v_ref[keys, :], trans_b=True)
-        ds = jnp.where(visible, p * (dp - delta[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+        if masked:
+            ds = jnp.where(visible, ds, 0.0)
         if t is not None:
             ds = ds * (1.0 - t * t)
         return dq + _dot(ds.astype(k.dtype), k)
 
-    body = _skip_disjoint(visit, kmeta_ref, lo, hi) if cfg.general_pos else visit
-    dq = lax.fori_loop(first, last + 1, body, jnp.zeros(q.shape, jnp.float32))
+    masked = functools.partial(visit, masked=True)
+    if cfg.general_pos:
+        masked = _skip_disjoint(masked, kmeta_ref, lo, hi)
+    dq = _loops(masked, functools.partial(visit, masked=False), bounds, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -222,74 +255,56 @@ def _dkdv_kernel(
 
 def _meta_specs(nq, nk):
     return [
-        pl.BlockSpec((None, 4, nq), lambda h, x, b: (b, 0, 0)),  # qmeta
+        pl.BlockSpec((None, 6, nq), lambda h, x, b: (b, 0, 0)),  # qmeta
         pl.BlockSpec((None, 4, nk), lambda h, x, b: (b, 0, 0)),  # kmeta
     ]
 
 
-def _fwd_call(cfg: _Config, q, k, v, meta):
-    """q [B, T, N, H], k, v [B, S, K, H] (padded) -> o [B, T, N, H], lse [B, N, T] f32 (log2)."""
-    qmeta, kmeta, ks, ke, kpos = meta
+def _query_major_specs(cfg: _Config, q, k):
+    """Specs of the grid (N, T/bq, B) kernels (forward, dq): the 7 inputs they share (metadata, interval
+    rows, k_pos, the q block, all of k and v), the [bq, H] q-block spec and the [bq] row-statistic spec."""
     b, t, n, h = q.shape
     s = k.shape[1]
-    bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
-    q_block = pl.BlockSpec((None, bq, None, h), lambda n_, i, b_: (b_, i, n_, 0))
-    kv_full = pl.BlockSpec((None, s, None, h), lambda n_, i, b_: (b_, 0, lax.div(n_, g), 0))
-    rows = pl.BlockSpec((None, bq), lambda n_, i, b_: (b_, i))
+    q_block = pl.BlockSpec((None, cfg.block_q, None, h), lambda n_, i, b_: (b_, i, n_, 0))
+    kv_full = pl.BlockSpec((None, s, None, h), lambda n_, i, b_: (b_, 0, lax.div(n_, cfg.groups), 0))
+    rows = pl.BlockSpec((None, cfg.block_q), lambda n_, i, b_: (b_, i))
+    k_pos = pl.BlockSpec((None, s), lambda n_, i, b_: (b_, 0))
+    shared = [*_meta_specs(t // cfg.block_q, s // cfg.block_k), rows, rows, k_pos, q_block, kv_full, kv_full]
+    return shared, q_block, pl.BlockSpec((None, None, cfg.block_q), lambda n_, i, b_: (b_, n_, i))
+
+
+def _fwd_call(cfg: _Config, q, k, v, meta):
+    """q [B, T, N, H], k, v [B, S, K, H] (padded) -> o [B, T, N, H], lse [B, N, T] f32 (log2)."""
+    b, t, n, h = q.shape
+    shared, q_block, row_stat = _query_major_specs(cfg, q, k)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
-        grid=(n, t // bq, b),
-        in_specs=[
-            *_meta_specs(t // bq, s // bk),
-            rows,
-            rows,
-            pl.BlockSpec((None, s), lambda n_, i, b_: (b_, 0)),
-            q_block,
-            kv_full,
-            kv_full,
-        ],
-        out_specs=[q_block, pl.BlockSpec((None, None, bq), lambda n_, i, b_: (b_, n_, i))],
+        grid=(n, t // cfg.block_q, b),
+        in_specs=shared,
+        out_specs=[q_block, row_stat],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
-        compiler_params=cfg.params(h, q.dtype.itemsize, 2 * bk, bq),
+        compiler_params=cfg.params(h, q.dtype.itemsize, 2 * cfg.block_k, cfg.block_q),
         interpret=cfg.interpret,
         name="flash_interval_fwd",
-    )(qmeta, kmeta, ks, ke, kpos, q, k, v)
+    )(*meta, q, k, v)
 
 
 def _dq_call(cfg: _Config, q, k, v, do, lse, delta, meta):
-    qmeta, kmeta, ks, ke, kpos = meta
     b, t, n, h = q.shape
-    s = k.shape[1]
-    bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
-    q_block = pl.BlockSpec((None, bq, None, h), lambda n_, i, b_: (b_, i, n_, 0))
-    kv_full = pl.BlockSpec((None, s, None, h), lambda n_, i, b_: (b_, 0, lax.div(n_, g), 0))
-    rows = pl.BlockSpec((None, bq), lambda n_, i, b_: (b_, i))
-    row_stat = pl.BlockSpec((None, None, bq), lambda n_, i, b_: (b_, n_, i))
+    shared, q_block, row_stat = _query_major_specs(cfg, q, k)
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
-        grid=(n, t // bq, b),
-        in_specs=[
-            *_meta_specs(t // bq, s // bk),
-            rows,
-            rows,
-            pl.BlockSpec((None, s), lambda n_, i, b_: (b_, 0)),
-            q_block,
-            kv_full,
-            kv_full,
-            q_block,
-            row_stat,
-            row_stat,
-        ],
+        grid=(n, t // cfg.block_q, b),
+        in_specs=[*shared, q_block, row_stat, row_stat],
         out_specs=q_block,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=cfg.params(h, q.dtype.itemsize, 2 * bk, 2 * bq, backward=True),
+        compiler_params=cfg.params(h, q.dtype.itemsize, 2 * cfg.block_k, 2 * cfg.block_q, backward=True),
         interpret=cfg.interpret,
         name="flash_interval_dq",
-    )(qmeta, kmeta, ks, ke, kpos, q, k, v, do, lse, delta)
+    )(*meta, q, k, v, do, lse, delta)
 
 
 def _dkdv_call(cfg: _Config, q, k, v, do, lse, delta, meta):
-    qmeta, kmeta, ks, ke, kpos = meta
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
@@ -317,7 +332,7 @@ def _dkdv_call(cfg: _Config, q, k, v, do, lse, delta, meta):
         compiler_params=cfg.params(h, q.dtype.itemsize, 2 * bq, 2 * bk, backward=True),
         interpret=cfg.interpret,
         name="flash_interval_dkdv",
-    )(qmeta, kmeta, ks, ke, kpos, q, k, v, do, lse, delta)
+    )(*meta, q, k, v, do, lse, delta)
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -350,14 +365,15 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def block_meta(k_start, k_end, k_pos, block_q, block_k):
     """Per-block bounds. k_start, k_end [B, T], k_pos [B, S] (T, S multiples of the blocks).
 
-    Returns qmeta [B, 4, T/bq] = (lo, hi, first key block, last key block) and
-    kmeta [B, 4, S/bk] = (kmin, kmax, first query block, last query block), int32;
-    (0, -1) where a block meets none, so a loop over it is empty.
+    Returns qmeta [B, 6, T/bq] = (lo, hi, first key block, last key block, first and last key
+    block inside every row's interval) and kmeta [B, 4, S/bk] = (kmin, kmax, first query block,
+    last query block), int32; (0, -1) where a block meets none, so a loop over it is empty.
     """
     lo, hi, kmin, kmax, overlap = blocks.hulls(k_start, k_end, k_pos, block_q, block_k)
     k_first, k_last = blocks.first_last(overlap, axis=2)
+    in_first, in_last = blocks.first_last(blocks.inside(k_start, k_end, k_pos, block_q, block_k), axis=2)
     q_first, q_last = blocks.first_last(overlap, axis=1)
-    qmeta = jnp.stack([lo, hi, k_first, k_last], axis=1).astype(jnp.int32)
+    qmeta = jnp.stack([lo, hi, k_first, k_last, in_first, in_last], axis=1).astype(jnp.int32)
     kmeta = jnp.stack([kmin, kmax, q_first, q_last], axis=1).astype(jnp.int32)
     return qmeta, kmeta
 

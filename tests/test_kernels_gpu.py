@@ -129,6 +129,8 @@ FWD_CASES = {
     "chunk_T_lt_S_bf16": dict(kind="window", b=2, t=24, s=124, heads=4, kv_heads=2, h=64, dtype=BF16, window=40, bq=16, bk=32),
     "ragged_lengths": dict(kind="ragged", b=3, t=60, heads=8, kv_heads=4, h=64, dtype=F32, window=1000,
                            lengths=[60, 33, 1], bq=16, bk=32),
+    "window100_inside_blocks_bf16": dict(kind="window", b=1, t=160, heads=4, kv_heads=2, h=64, dtype=BF16, window=100,
+                                         bq=16, bk=16),
     "ring_nan_kpos_bf16": dict(kind="ring", b=2, t=20, heads=4, kv_heads=2, h=64, dtype=BF16, window=32, slots=32,
                                filled=[50, 5], bq=16, bk=32),
 }
@@ -139,6 +141,8 @@ GRAD_CASES = {
                                           images=[(0, 10, 29), (0, 40, 71), (1, 3, 60)], bq=16, bk=32),
     "ring_nan_kpos_h128": dict(kind="ring", b=2, t=20, heads=4, kv_heads=1, h=128, dtype=F32, window=48, slots=48,
                                filled=[75, 13], bq=16, bk=16),
+    "causal_inside_blocks_softcap": dict(kind="window", b=1, t=80, heads=4, kv_heads=2, h=64, dtype=F32, window=1000,
+                                         softcap=3.0, bq=16, bk=16),
     "softcap_window9_gqa84": dict(kind="window", b=1, t=50, heads=8, kv_heads=4, h=64, dtype=F32, window=9, softcap=2.0,
                                   bq=16, bk=16),
 }
@@ -211,16 +215,33 @@ def test_block_meta_visits_only_the_window():
     np.testing.assert_array_equal(qmeta[0, 1], i * bq + bq - 1)  # hi
     np.testing.assert_array_equal(qmeta[0, 2], np.maximum(0, (i * bq - window + 1) // bk))  # first key block
     np.testing.assert_array_equal(qmeta[0, 3], (i * bq + bq - 1) // bk)  # last key block
+    # blocks every row sees whole (visited without a mask): keys >= the last row's window start,
+    # <= the first row's position
+    in_first = -(-np.maximum(0, i * bq + bq - window) // bk)
+    in_last = (i * bq + 1) // bk - 1
+    has = in_first <= in_last
+    np.testing.assert_array_equal(qmeta[0, 4], np.where(has, in_first, 0))
+    np.testing.assert_array_equal(qmeta[0, 5], np.where(has, in_last, -1))
     j = np.arange(t // bk)
     np.testing.assert_array_equal(kmeta[0, 2], j * bk // bq)  # first query block that sees key block j
     np.testing.assert_array_equal(kmeta[0, 3], np.minimum(t // bq - 1, (j * bk + bk - 1 + window - 1) // bq))
+
+
+@pytest.mark.parametrize("name", ["window100_inside_blocks_bf16", "causal_inside_blocks_softcap"])
+def test_cases_visit_blocks_without_a_mask(name):
+    """These cases exercise the unmasked loop (blocks every row sees whole) of the forward and dq kernels."""
+    c = {**FWD_CASES, **GRAD_CASES}[name]
+    _, _, _, ks, ke, _, _, _ = case_inputs(c)
+    pos = np.broadcast_to(np.arange(ks.shape[1], dtype=np.int32), ks.shape)
+    qmeta, _ = block_meta(ks, ke, pos, c["bq"], c["bk"])
+    assert int(np.sum(np.maximum(0, qmeta[:, 5] - qmeta[:, 4] + 1))) >= 10
 
 
 def test_block_meta_ignores_unused_slots():
     k_pos = np.asarray([[5, EMPTY, 7, 6, EMPTY, EMPTY, EMPTY, EMPTY]], np.int32)
     ks, ke = i32([[0, 0]], [[6, -1]])  # second query row empty
     qmeta, kmeta = block_meta(ks, ke, k_pos, 2, 4)
-    np.testing.assert_array_equal(qmeta[0, :, 0], [0, 6, 0, 0])
+    np.testing.assert_array_equal(qmeta[0, :, 0], [0, 6, 0, 0, 0, -1])  # an empty row: no block is inside
     np.testing.assert_array_equal(kmeta[0, 0], [5, 2**31 - 1])  # kmin; the all-empty block has none
     np.testing.assert_array_equal(kmeta[0, 2:, 0], [0, 0])
     np.testing.assert_array_equal(kmeta[0, 2:, 1], [0, -1])  # empty loop
