@@ -10,6 +10,7 @@ Sections (each guarded, so one failure does not hide the rest):
             pallas_gpu vs cudnn vs xla (banded for local layers); forward and forward+backward
   decode    batch 8 over a 32K global cache and a 1024-slot ring: ours vs xla vs
             jax.experimental.pallas.ops.gpu.decode_attention.gqa; K/V bytes read per second
+  sweep     (with --sweep) the T = 32K local-layer forward per (block_q, block_k, warps, stages)
 """
 
 from __future__ import annotations
@@ -221,6 +222,32 @@ def prefill(smoke: bool, bw: float, rate: float):
                     ROWS.append(f"| {name} | {impl} | failed | | {floor * 1e3:.3f} | |")
 
 
+SWEEP = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 2), (128, 128, 8, 2),
+         (64, 32, 4, 3), (128, 32, 8, 3), (64, 128, 4, 2)]  # (block_q, block_k, num_warps, num_stages)
+
+
+def sweep(smoke: bool, rate: float):
+    """Forward time of pallas_gpu at T = 32K, local W = 1024 (the issue's target case) per Triton config."""
+    from kernels import flash_gpu
+
+    n, kvh, h, w, t = (8, 4, 64, 64, 512) if smoke else (8, 4, 256, 1024, 32768)
+    q, k, v = qkv(jax.random.key(t), 1, t, t, n, kvh, h, jnp.bfloat16)
+    ks, ke = band(1, t, w)
+    flops = 4 * n * h * (t * w - w * w // 2)
+    for bq, bk, warps, stages in SWEEP:
+        f = jax.jit(lambda q, k, v: flash_gpu.attention(q, k, v, ks, ke, scale=h ** -0.5, block_q=bq, block_k=bk,
+                                                        num_warps=warps, num_stages=stages,
+                                                        interpret=jax.default_backend() == "cpu"))
+        try:
+            tf = bench(f, q, k, v, reps=5)
+            say(f"sweep T={t} local W={w} bq={bq} bk={bk} warps={warps} stages={stages}: fwd {tf * 1e3:.3f} ms "
+                f"({flops / tf / 1e12:.0f} TFLOP/s)")
+            ROWS.append(f"| sweep T={t} local W={w} | pallas_gpu {bq}x{bk} w{warps} s{stages} | {tf * 1e3:.3f} | | "
+                        f"{flops / rate * 1e3:.3f} | {flops / tf / 1e12:.0f} |")
+        except Exception as e:  # noqa: BLE001
+            say(f"sweep bq={bq} bk={bk} warps={warps} stages={stages}: FAILED {type(e).__name__}: {e}"[:300])
+
+
 def decode(smoke: bool, bw: float):
     from jax.experimental.pallas.ops.gpu import decode_attention as jdecode
 
@@ -267,13 +294,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sweep", action="store_true", help="also time the local-layer forward per Triton config")
     args = ap.parse_args()
     say(f"jax {jax.__version__}, devices {jax.devices()}")
     t0 = time.time()
     bw, rate = 3e12, 8e14
-    for section in ("ceilings", "check", "prefill", "decode"):
+    for section in ("ceilings", "check", "prefill", "decode", *(("sweep",) if args.sweep else ())):
         try:
-            if section == "ceilings":
+            if section == "sweep":
+                sweep(args.smoke, rate)
+            elif section == "ceilings":
                 bw, rate = ceilings(not args.smoke)
             elif section == "check":
                 check(args.smoke)

@@ -10,7 +10,8 @@
 //
 // Work is split into chunks of contiguous weight rows, claimed from an atomic counter by the
 // calling thread and by tasks on XLA's intra-op thread pool: no second thread pool competes with
-// XLA's, and a task that starts late finds nothing left and returns.
+// XLA's, and a task that starts late finds nothing left and returns. Results do not depend on
+// which thread ran which chunk (every output is summed in one fixed order): bitwise reproducible.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -49,29 +50,26 @@ inline __m512 load16(const uint16_t* p, int64_t n) {
 // waits only for chunks that someone has claimed, so a task that starts late finds nothing to do
 // and no call ever waits on a task that has not started.
 struct Job {
-  std::function<void(int64_t, int64_t)> body;  // (chunk, worker)
-  int64_t chunks = 0, workers = 1;
-  std::atomic<int64_t> next{0}, done{0}, worker{1};
+  std::function<void(int64_t)> body;
+  int64_t chunks = 0;
+  std::atomic<int64_t> next{0}, done{0};
 
-  void run(int64_t w) {
-    if (w >= workers) return;
+  void run() {
     for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      body(c, w);
+      body(c);
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
 
-// Runs body(chunk, worker) for chunk in [0, chunks), worker in [0, workers), on the calling
-// thread and workers - 1 pool tasks.
+// Runs body(chunk) for chunk in [0, chunks) on the calling thread and up to threads - 1 pool tasks.
 template <typename F>
-void parallel_chunks(ffi::ThreadPool& pool, int64_t chunks, int64_t workers, F body) {
+void parallel_chunks(ffi::ThreadPool& pool, int64_t chunks, int64_t threads, F body) {
   auto job = std::make_shared<Job>();
   job->body = body;
   job->chunks = chunks;
-  job->workers = workers;
-  for (int64_t t = 1; t < workers; ++t) pool.Schedule([job] { job->run(job->worker.fetch_add(1)); });
-  job->run(0);
+  for (int64_t t = 1; t < std::min(chunks, threads); ++t) pool.Schedule([job] { job->run(); });
+  job->run();
   while (job->done.load(std::memory_order_acquire) < chunks) _mm_pause();  // claimed chunks only
 }
 
@@ -144,8 +142,8 @@ void minor_block(const float* X, const W* Wt, float* Y, int64_t M, int64_t D, in
 // Rows stream in memory order; the next pass is prefetched.
 template <int RR, int CW, int MM, bool kTail, typename W>
 inline void major_group(const float* X, const W* row, float* acc, int64_t ldy, int64_t D, int64_t V, int64_t d,
-                        int64_t v) {
-  const int64_t n = V - v;  // kTail: one vector, n < 16 columns
+                        int64_t v, int64_t v1) {
+  const int64_t n = v1 - v;  // kTail: one vector, n < 16 columns
   __m512 w[RR][CW];
 #pragma GCC unroll 8
   for (int r = 0; r < RR; ++r) {
@@ -181,16 +179,18 @@ inline void major_group(const float* X, const W* row, float* acc, int64_t ldy, i
   }
 }
 
+// acc[m, v] += sum_{d in [d0, d1)} x[m, d] * w[d, v] for v in [v0, v1).
 template <int MM, typename W>
-void major_rows(const float* X, const W* Wt, float* acc, int64_t ldy, int64_t D, int64_t V, int64_t d0, int64_t d1) {
+void major_rows(const float* X, const W* Wt, float* acc, int64_t ldy, int64_t D, int64_t V, int64_t d0, int64_t d1,
+                int64_t v0, int64_t v1) {
   int64_t d = d0;
   auto pass = [&](auto rows_tag) {
     constexpr int RR = decltype(rows_tag)::value;
     const W* row = Wt + d * V;
-    int64_t v = 0;
-    for (; v + 32 <= V; v += 32) major_group<RR, 2, MM, false>(X, row, acc, ldy, D, V, d, v);
-    for (; v + 16 <= V; v += 16) major_group<RR, 1, MM, false>(X, row, acc, ldy, D, V, d, v);
-    if (v < V) major_group<RR, 1, MM, true>(X, row, acc, ldy, D, V, d, v);
+    int64_t v = v0;
+    for (; v + 32 <= v1; v += 32) major_group<RR, 2, MM, false>(X, row, acc, ldy, D, V, d, v, v1);
+    for (; v + 16 <= v1; v += 16) major_group<RR, 1, MM, false>(X, row, acc, ldy, D, V, d, v, v1);
+    if (v < v1) major_group<RR, 1, MM, true>(X, row, acc, ldy, D, V, d, v, v1);
   };
   for (; d + 8 <= d1; d += 8) pass(std::integral_constant<int, 8>{});
   for (; d < d1; ++d) pass(std::integral_constant<int, 1>{});
@@ -198,19 +198,19 @@ void major_rows(const float* X, const W* Wt, float* acc, int64_t ldy, int64_t D,
 
 template <typename W>
 void major_block(const float* X, const W* Wt, float* acc, int64_t ldy, int64_t M, int64_t D, int64_t V, int64_t d0,
-                 int64_t d1) {
+                 int64_t d1, int64_t v0, int64_t v1) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const float* x = X + m0 * D;
     float* a = acc + m0 * ldy;
     switch (std::min(kMaxRows, M - m0)) {
-      case 1: major_rows<1>(x, Wt, a, ldy, D, V, d0, d1); break;
-      case 2: major_rows<2>(x, Wt, a, ldy, D, V, d0, d1); break;
-      case 3: major_rows<3>(x, Wt, a, ldy, D, V, d0, d1); break;
-      case 4: major_rows<4>(x, Wt, a, ldy, D, V, d0, d1); break;
-      case 5: major_rows<5>(x, Wt, a, ldy, D, V, d0, d1); break;
-      case 6: major_rows<6>(x, Wt, a, ldy, D, V, d0, d1); break;
-      case 7: major_rows<7>(x, Wt, a, ldy, D, V, d0, d1); break;
-      default: major_rows<8>(x, Wt, a, ldy, D, V, d0, d1); break;
+      case 1: major_rows<1>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
+      case 2: major_rows<2>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
+      case 3: major_rows<3>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
+      case 4: major_rows<4>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
+      case 5: major_rows<5>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
+      case 6: major_rows<6>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
+      case 7: major_rows<7>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
+      default: major_rows<8>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
     }
   }
 }
@@ -221,29 +221,35 @@ void dense_minor(ffi::ThreadPool& pool, const float* X, const W* Wt, float* Y, i
                  int64_t threads) {
   const int64_t rows = chunk_rows(V, D * sizeof(W), threads, 16);
   const int64_t chunks = (V + rows - 1) / rows;
-  parallel_chunks(pool, chunks, std::min(chunks, threads), [&](int64_t c, int64_t) {
+  parallel_chunks(pool, chunks, threads, [&](int64_t c) {
     minor_block(X, Wt, Y, M, D, V, c * rows, std::min(V, (c + 1) * rows));
   });
 }
 
-// y [M, V] = x [M, D] . w [D, V]: chunks of whole weight rows; each worker sums its chunks into
-// its own partial y, and the partials are added up at the end. Partial rows are padded: rows
-// V floats apart alias in the 4 KB store-to-load check when V is a multiple of 1024.
+// y [M, V] = x [M, D] . w [D, V]: kChunksPerThread chunks of whole weight rows per thread (rows
+// stream in memory order). Each chunk sums into its own partial y (padded rows: rows V floats apart alias in
+// the 4 KB store-to-load check when V is a multiple of 1024), and the partials are added in chunk
+// order, so every output is summed in the same order whichever thread ran which chunk.
+constexpr int64_t kChunksPerThread = 1;  // measured best of 1, 2 and 4: fewer partial sums to write and add
+
 template <typename W>
 void dense_major(ffi::ThreadPool& pool, const float* X, const W* Wt, float* Y, int64_t M, int64_t D, int64_t V,
                  int64_t threads) {
-  const int64_t rows = chunk_rows(D, V * sizeof(W), threads, 8);
+  const int64_t wanted = std::max<int64_t>(1, std::min((D + 7) / 8, kChunksPerThread * threads));
+  const int64_t rows = ((D + wanted - 1) / wanted + 7) / 8 * 8;
   const int64_t chunks = (D + rows - 1) / rows;
-  const int64_t workers = std::min(chunks, threads);
   const int64_t ldy = V + 16;
-  std::vector<float> partial(workers * M * ldy, 0.0f);
-  parallel_chunks(pool, chunks, workers, [&](int64_t c, int64_t worker) {
-    major_block(X, Wt, partial.data() + worker * M * ldy, ldy, M, D, V, c * rows, std::min(D, (c + 1) * rows));
+  thread_local std::vector<float> scratch;  // reused: a fresh buffer per call costs page faults
+  if (static_cast<int64_t>(scratch.size()) < chunks * M * ldy) scratch.resize(chunks * M * ldy);
+  float* partial = scratch.data();
+  parallel_chunks(pool, chunks, threads, [&](int64_t c) {
+    std::fill(partial + c * M * ldy, partial + (c + 1) * M * ldy, 0.0f);
+    major_block(X, Wt, partial + c * M * ldy, ldy, M, D, V, c * rows, std::min(D, (c + 1) * rows), 0, V);
   });
   for (int64_t m = 0; m < M; ++m)
     for (int64_t v = 0; v < V; ++v) {
       float sum = 0.0f;
-      for (int64_t t = 0; t < workers; ++t) sum += partial[(t * M + m) * ldy + v];
+      for (int64_t c = 0; c < chunks; ++c) sum += partial[(c * M + m) * ldy + v];
       Y[m * V + v] = sum;
     }
 }

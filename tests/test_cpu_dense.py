@@ -32,6 +32,18 @@ def test_kernel_equals_f32_einsum(layout, wdtype, m, d, v):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * np.sqrt(d), rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["minor", "major"])
+def test_kernel_is_bitwise_reproducible(layout):
+    """Work is split over threads dynamically; every output must still be summed in one fixed order."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((8, 640)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2048, 640) if layout == "minor" else (640, 2048)), jnp.float32)
+    f = jax.jit(cpu_dense.dense, static_argnums=2)
+    first = np.asarray(f(x, w, layout))
+    for _ in range(30):
+        np.testing.assert_array_equal(np.asarray(f(x, w, layout)), first)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("spec,xs,ws", [
     ("BTD,DNH->BTNH", (2, 1, 32), (32, 4, 16)),
