@@ -26,8 +26,8 @@ import jax.numpy as jnp
 
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_dense.cc")
 # benchmarks/cpu_dense.py (chained products, weights streamed from memory as in decode), 1 / 8 rows:
-# [640, 2048] f32 22.6 / 11.7 GB/s against XLA's 16.5 / 3.5, bf16 16.2 / 8.2 against 1.3 / 6.3; the
-# [262144, 640] head f32 21.0 / 17.6 against 20.3 / 9.5. Beyond 8 rows XLA's GEMM path reuses
+# [640, 2048] f32 22.4 / 14.1 GB/s against XLA's 16.5 / 3.8, bf16 17.7 / 7.1 against 1.4 / 5.0; the
+# [262144, 640] head f32 20.3 / 19.3 against 19.9 / 10.6. Beyond 8 rows XLA's GEMM path reuses
 # each weight enough.
 MAX_ROWS = 8
 
