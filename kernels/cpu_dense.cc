@@ -236,7 +236,7 @@ template <typename W>
 void dense_major(ffi::ThreadPool& pool, const float* X, const W* Wt, float* Y, int64_t M, int64_t D, int64_t V,
                  int64_t threads) {
   const int64_t wanted = std::max<int64_t>(1, std::min((D + 7) / 8, kChunksPerThread * threads));
-  const int64_t rows = ((D + wanted - 1) / wanted + 7) / 8 * 8;
+  const int64_t rows = std::max<int64_t>(8, ((D + wanted - 1) / wanted + 7) / 8 * 8);
   const int64_t chunks = (D + rows - 1) / rows;
   const int64_t ldy = V + 16;
   thread_local std::vector<float> scratch;  // reused: a fresh buffer per call costs page faults

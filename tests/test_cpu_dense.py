@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not cpu_dense.available(), reason="needs x86 AVX
 @pytest.mark.parametrize("wdtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("layout", ["minor", "major"])
 @pytest.mark.parametrize("m,d,v", [(1, 640, 2048), (3, 37, 1030), (16, 64, 17), (8, 96, 3000), (2, 5, 1),
-                                   (5, 203, 77), (11, 1000, 40), (7, 16, 4099)])
+                                   (5, 203, 77), (11, 1000, 40), (7, 16, 4099), (3, 0, 20)])
 def test_kernel_equals_f32_einsum(layout, wdtype, m, d, v):
     """Row counts 1-16 (16 and 11 take two 8-row passes), ragged D and V (masked tails, odd row
     tiles), and shapes that split into many chunks across threads."""
