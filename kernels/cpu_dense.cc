@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -81,7 +80,7 @@ int64_t chunk_rows(int64_t rows, int64_t row_bytes, int64_t threads, int64_t ali
   return std::max(align, (n + align - 1) / align * align);
 }
 
-// y[m0 + m, v] for v in [v0, v1), MM rows of x at once, R weight rows per register tile.
+// y[m, v] for v in [v0, v1), MM rows of x at once, R weight rows per register tile.
 template <int MM, typename W>
 void minor_rows(const float* X, const W* Wt, float* Y, int64_t D, int64_t V, int64_t v0, int64_t v1) {
   constexpr int R = MM <= 2 ? 1 : MM <= 4 ? 3 : 2;
@@ -118,20 +117,20 @@ void minor_rows(const float* X, const W* Wt, float* Y, int64_t D, int64_t V, int
   for (; v < v1; ++v) tile(std::integral_constant<int, 1>{});
 }
 
-template <typename W>
-void minor_block(const float* X, const W* Wt, float* Y, int64_t M, int64_t D, int64_t V, int64_t v0, int64_t v1) {
+// Calls f(m0, std::integral_constant<int, MM>) for the row groups [m0, m0 + MM) of M rows, MM <= kMaxRows:
+// the kernels are compiled for each row count, so every row of a group stays in registers.
+template <typename F>
+void by_row_groups(int64_t M, F f) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const float* x = X + m0 * D;
-    float* y = Y + m0 * V;
     switch (std::min(kMaxRows, M - m0)) {
-      case 1: minor_rows<1>(x, Wt, y, D, V, v0, v1); break;
-      case 2: minor_rows<2>(x, Wt, y, D, V, v0, v1); break;
-      case 3: minor_rows<3>(x, Wt, y, D, V, v0, v1); break;
-      case 4: minor_rows<4>(x, Wt, y, D, V, v0, v1); break;
-      case 5: minor_rows<5>(x, Wt, y, D, V, v0, v1); break;
-      case 6: minor_rows<6>(x, Wt, y, D, V, v0, v1); break;
-      case 7: minor_rows<7>(x, Wt, y, D, V, v0, v1); break;
-      default: minor_rows<8>(x, Wt, y, D, V, v0, v1); break;
+      case 1: f(m0, std::integral_constant<int, 1>{}); break;
+      case 2: f(m0, std::integral_constant<int, 2>{}); break;
+      case 3: f(m0, std::integral_constant<int, 3>{}); break;
+      case 4: f(m0, std::integral_constant<int, 4>{}); break;
+      case 5: f(m0, std::integral_constant<int, 5>{}); break;
+      case 6: f(m0, std::integral_constant<int, 6>{}); break;
+      case 7: f(m0, std::integral_constant<int, 7>{}); break;
+      default: f(m0, std::integral_constant<int, 8>{}); break;
     }
   }
 }
@@ -142,8 +141,8 @@ void minor_block(const float* X, const W* Wt, float* Y, int64_t M, int64_t D, in
 // Rows stream in memory order; the next pass is prefetched.
 template <int RR, int CW, int MM, bool kTail, typename W>
 inline void major_group(const float* X, const W* row, float* acc, int64_t ldy, int64_t D, int64_t V, int64_t d,
-                        int64_t v, int64_t v1) {
-  const int64_t n = v1 - v;  // kTail: one vector, n < 16 columns
+                        int64_t v) {
+  const int64_t n = V - v;  // kTail: one vector, n < 16 columns
   __m512 w[RR][CW];
 #pragma GCC unroll 8
   for (int r = 0; r < RR; ++r) {
@@ -179,40 +178,20 @@ inline void major_group(const float* X, const W* row, float* acc, int64_t ldy, i
   }
 }
 
-// acc[m, v] += sum_{d in [d0, d1)} x[m, d] * w[d, v] for v in [v0, v1).
+// acc[m, v] += sum_{d in [d0, d1)} x[m, d] * w[d, v].
 template <int MM, typename W>
-void major_rows(const float* X, const W* Wt, float* acc, int64_t ldy, int64_t D, int64_t V, int64_t d0, int64_t d1,
-                int64_t v0, int64_t v1) {
+void major_rows(const float* X, const W* Wt, float* acc, int64_t ldy, int64_t D, int64_t V, int64_t d0, int64_t d1) {
   int64_t d = d0;
   auto pass = [&](auto rows_tag) {
     constexpr int RR = decltype(rows_tag)::value;
     const W* row = Wt + d * V;
-    int64_t v = v0;
-    for (; v + 32 <= v1; v += 32) major_group<RR, 2, MM, false>(X, row, acc, ldy, D, V, d, v, v1);
-    for (; v + 16 <= v1; v += 16) major_group<RR, 1, MM, false>(X, row, acc, ldy, D, V, d, v, v1);
-    if (v < v1) major_group<RR, 1, MM, true>(X, row, acc, ldy, D, V, d, v, v1);
+    int64_t v = 0;
+    for (; v + 32 <= V; v += 32) major_group<RR, 2, MM, false>(X, row, acc, ldy, D, V, d, v);
+    for (; v + 16 <= V; v += 16) major_group<RR, 1, MM, false>(X, row, acc, ldy, D, V, d, v);
+    if (v < V) major_group<RR, 1, MM, true>(X, row, acc, ldy, D, V, d, v);
   };
   for (; d + 8 <= d1; d += 8) pass(std::integral_constant<int, 8>{});
   for (; d < d1; ++d) pass(std::integral_constant<int, 1>{});
-}
-
-template <typename W>
-void major_block(const float* X, const W* Wt, float* acc, int64_t ldy, int64_t M, int64_t D, int64_t V, int64_t d0,
-                 int64_t d1, int64_t v0, int64_t v1) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const float* x = X + m0 * D;
-    float* a = acc + m0 * ldy;
-    switch (std::min(kMaxRows, M - m0)) {
-      case 1: major_rows<1>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
-      case 2: major_rows<2>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
-      case 3: major_rows<3>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
-      case 4: major_rows<4>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
-      case 5: major_rows<5>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
-      case 6: major_rows<6>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
-      case 7: major_rows<7>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
-      default: major_rows<8>(x, Wt, a, ldy, D, V, d0, d1, v0, v1); break;
-    }
-  }
 }
 
 // y [M, V] = x [M, D] . w [V, D]^T: chunks of whole weight rows, one y column block each.
@@ -222,7 +201,9 @@ void dense_minor(ffi::ThreadPool& pool, const float* X, const W* Wt, float* Y, i
   const int64_t rows = chunk_rows(V, D * sizeof(W), threads, 16);
   const int64_t chunks = (V + rows - 1) / rows;
   parallel_chunks(pool, chunks, threads, [&](int64_t c) {
-    minor_block(X, Wt, Y, M, D, V, c * rows, std::min(V, (c + 1) * rows));
+    by_row_groups(M, [&](int64_t m0, auto mm) {
+      minor_rows<decltype(mm)::value>(X + m0 * D, Wt, Y + m0 * V, D, V, c * rows, std::min(V, (c + 1) * rows));
+    });
   });
 }
 
@@ -243,8 +224,11 @@ void dense_major(ffi::ThreadPool& pool, const float* X, const W* Wt, float* Y, i
   if (static_cast<int64_t>(scratch.size()) < chunks * M * ldy) scratch.resize(chunks * M * ldy);
   float* partial = scratch.data();
   parallel_chunks(pool, chunks, threads, [&](int64_t c) {
-    std::fill(partial + c * M * ldy, partial + (c + 1) * M * ldy, 0.0f);
-    major_block(X, Wt, partial + c * M * ldy, ldy, M, D, V, c * rows, std::min(D, (c + 1) * rows), 0, V);
+    float* acc = partial + c * M * ldy;
+    std::fill(acc, acc + M * ldy, 0.0f);
+    by_row_groups(M, [&](int64_t m0, auto mm) {
+      major_rows<decltype(mm)::value>(X + m0 * D, Wt, acc + m0 * ldy, ldy, D, V, c * rows, std::min(D, (c + 1) * rows));
+    });
   });
   for (int64_t m = 0; m < M; ++m)
     for (int64_t v = 0; v < V; ++v) {
@@ -254,10 +238,7 @@ void dense_major(ffi::ThreadPool& pool, const float* X, const W* Wt, float* Y, i
     }
 }
 
-int64_t threads_of(ffi::ThreadPool& pool) {
-  const char* env = std::getenv("GEMMA_CPU_THREADS");  // default: XLA's intra-op parallelism
-  return std::max<int64_t>(1, env ? std::atoll(env) : pool.num_threads());
-}
+int64_t threads_of(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }  // XLA's parallelism
 
 template <ffi::DataType T, typename W>
 ffi::Error Minor(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::ResultBuffer<ffi::F32> y) {
