@@ -84,13 +84,13 @@ class Attention(nnx.Module):
         if x.shape[1] == 1:
             keys, values = new_cache.k, new_cache.v
             k_pos = new_cache.slot_positions(length + valid.sum(axis=1, dtype=jnp.int32))
-        elif fresh:  # the same keys (rounded to the cache's dtype) as the branch below, minus the empty slots
+        else:  # the chunk's own keys (rounded to the cache's dtype), after the cache's slots unless it is empty
             keys, values = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
             k_pos = jnp.where(valid, positions, EMPTY)
-        else:
-            keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
-            values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
-            k_pos = jnp.concatenate([cache.slot_positions(length), jnp.where(valid, positions, EMPTY)], axis=1)
+            if not fresh:
+                keys = jnp.concatenate([cache.k, keys], axis=1)
+                values = jnp.concatenate([cache.v, values], axis=1)
+                k_pos = jnp.concatenate([cache.slot_positions(length), k_pos], axis=1)
         out = kernels.attention(q, keys, values, k_start, k_end, scale=self.scale, softcap=self.softcap,
                                 k_pos=k_pos, impl=self.impl)
         return dense("BTNH,NHD->BTD", out, self.o_proj[...]), new_cache
