@@ -34,6 +34,7 @@ from kernels import reference  # noqa: E402
 
 ROWS: list[str] = []
 LOG: list[str] = []
+SKIP: set[str] = set()  # impls left out (--skip), e.g. after a kernel hung in an earlier run
 
 
 def say(line: str = "") -> None:
@@ -108,23 +109,32 @@ def check(smoke: bool):
 
 def _check(smoke: bool):
     t = 128 if smoke else 2048
-    cases = [(jnp.float32, 1024 if not smoke else 32), (jnp.bfloat16, 1024 if not smoke else 32),
-             (jnp.bfloat16, None)]
+    cases = [(jnp.bfloat16, 1024 if not smoke else 32), (jnp.bfloat16, None), (jnp.bfloat16, "ragged"),
+             (jnp.float32, 1024 if not smoke else 32)]
     key = jax.random.key(7)
     for dtype, window in cases:
         key, sub = jax.random.split(key)
         q, k, v = qkv(sub, 2, t, t, 8, 4, 256 if not smoke else 64, dtype)
+        ragged = window == "ragged"
+        window = (1024 if not smoke else 32) if ragged else window
         ks, ke = band(2, t, window)
+        if ragged:  # left padding of 0 and t/3 + 5 rows (a whole empty tile), plus 3 padded rows at the end
+            pad = jnp.array([[0], [t // 3 + 5]], jnp.int32)
+            row = jnp.arange(t, dtype=jnp.int32)[None]
+            ks = jnp.maximum(ks, pad)
+            ke = jnp.where((row < pad) | (row >= t - 3), -1, ke)
         ref = reference.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), ks, ke,
                                   scale=q.shape[-1] ** -0.5)
-        for impl in ("pallas_gpu", "cudnn"):
+        for impl in ("pallas_gpu", "pallas_gpu triton", "cudnn"):
+            if (impl == "cudnn" and ragged) or impl in SKIP:
+                continue
             try:
-                out = jax.jit(lambda q, k, v, impl=impl: kernels.attention(q, k, v, ks, ke, impl=impl,
-                                                                           window=window))(q, k, v)
-                say(f"check {impl:17s} fwd  {jnp.dtype(dtype).name:8s} W={window}: rel err {rel_err(out, ref):.2e}")
+                out = jax.jit(functools.partial(_prefill_fn, impl=impl, ks=ks, ke=ke, window=window))(q, k, v)
+                say(f"check {impl:17s} fwd  {jnp.dtype(dtype).name:8s} W={window}{' ragged' if ragged else ''}: "
+                    f"rel err {rel_err(out, ref):.2e}")
             except Exception as e:  # noqa: BLE001
                 say(f"check {impl:17s} fwd  {jnp.dtype(dtype).name} W={window}: FAILED {type(e).__name__}: {e}"[:400])
-        if dtype == jnp.float32:
+        if dtype == jnp.float32 or ragged:
             dout = jax.random.normal(key, q.shape, jnp.float32)
 
             def loss(q, k, v, impl):
@@ -132,11 +142,13 @@ def _check(smoke: bool):
                     (lambda *a: kernels.attention(*a, ks, ke, impl=impl, window=window))
                 return jnp.sum(f(q, k, v) * dout)
 
-            gref = jax.jit(jax.grad(lambda q, k, v: loss(q, k, v, "ref"), argnums=(0, 1, 2)))(q, k, v)
+            f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+            gref = jax.jit(jax.grad(lambda q, k, v: loss(q, k, v, "ref"), argnums=(0, 1, 2)))(*f32)
             try:
                 g = jax.jit(jax.grad(lambda q, k, v: loss(q, k, v, "pallas_gpu"), argnums=(0, 1, 2)))(q, k, v)
                 errs = ", ".join(f"{n} {rel_err(a, b):.2e}" for n, a, b in zip("qkv", g, gref))
-                say(f"check pallas_gpu grad f32      W={window}: rel err d{errs}")
+                say(f"check pallas_gpu grad {jnp.dtype(dtype).name:8s} W={window}{' ragged' if ragged else ''}: "
+                    f"rel err d{errs}")
             except Exception as e:  # noqa: BLE001
                 say(f"check pallas_gpu grad: FAILED {type(e).__name__}: {e}"[:400])
     # decode: ring after wrap-around and a ragged linear cache with a NaN-poisoned tail
@@ -177,10 +189,10 @@ def _prefill_fn(q, k, v, *, impl, ks, ke, window):
         local = None if window is None else (window - 1, 0)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
                                             implementation=None if jax.default_backend() == "cpu" else "cudnn")
-    if impl == "pallas_gpu 128x64":
+    if impl == "pallas_gpu triton":  # the Triton forward, where pallas_gpu would take the Hopper kernel
         from kernels import flash_gpu
-        return flash_gpu.attention(q, k, v, ks, ke, scale=q.shape[-1] ** -0.5, block_q=128, block_k=64,
-                                   num_warps=8, num_stages=2, interpret=jax.default_backend() == "cpu")
+        return flash_gpu.attention(q, k, v, ks, ke, scale=q.shape[-1] ** -0.5, mosaic=False,
+                                   interpret=jax.default_backend() == "cpu")
     return kernels.attention(q, k, v, ks, ke, impl=impl, window=window)
 
 
@@ -199,7 +211,9 @@ def prefill(smoke: bool, bw: float, rate: float):
             floor = max(flops / rate, nbytes / bw)
             dout = jax.random.normal(jax.random.key(1), q.shape, jnp.bfloat16)
             name = f"prefill T={t} {'local W=' + str(window) if window else 'global'}"
-            for impl in ("pallas_gpu", "pallas_gpu 128x64", "cudnn", "xla"):
+            for impl in ("pallas_gpu", "pallas_gpu triton", "cudnn", "xla"):
+                if impl in SKIP:
+                    continue
                 if impl == "xla" and window is None and t > 8192:
                     say(f"{name:28s} {impl:17s} skipped (its T x T scores exceed memory)")
                     continue
@@ -295,11 +309,16 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true", help="also time the local-layer forward per Triton config")
+    ap.add_argument("--sections", default="ceilings,check,prefill,decode", help="comma-separated sections to run")
+    ap.add_argument("--skip", default="", help="comma-separated impls to leave out of check and prefill")
     args = ap.parse_args()
+    SKIP.update(filter(None, args.skip.split(",")))
     say(f"jax {jax.__version__}, devices {jax.devices()}")
+    from kernels import flash_hopper
+    say(f"pallas_gpu forward on this device: {'Hopper kernel (Mosaic GPU)' if flash_hopper.on_hopper() else 'Triton'}")
     t0 = time.time()
     bw, rate = 3e12, 8e14
-    for section in ("ceilings", "check", "prefill", "decode", *(("sweep",) if args.sweep else ())):
+    for section in (*args.sections.split(","), *(("sweep",) if args.sweep else ())):
         try:
             if section == "sweep":
                 sweep(args.smoke, rate)
@@ -317,7 +336,7 @@ def main():
     table = ["| case | impl | fwd ms | fwd+bwd ms | floor | rate |", "|---|---|---|---|---|---|", *ROWS]
     say("\n".join(table))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_attention.md"), "w") as f:
+    with open(os.path.join(args.out, f"gpu_attention_{args.sections.replace(',', '_')}.md"), "w") as f:
         f.write("\n".join(LOG) + "\n")
 
 

@@ -6,8 +6,9 @@ each query may see. Implementations:
   xla         the reference (kernels.reference); with a `window` hint on a long
               self-attention it runs banded (kernels.banded), O(T * W)
   pallas_tpu  flash attention in Pallas/Mosaic for TPU, forward and backward
-  pallas_gpu  flash attention in Pallas/Triton for GPU, forward and backward;
-              decode steps (T == 1) go to the split-K decode kernel (kernels.decode)
+  pallas_gpu  flash attention in Pallas/Triton for GPU, forward and backward; on a Hopper GPU the
+              bf16/f16 self-attention forward runs in Pallas Mosaic GPU (kernels.flash_hopper:
+              wgmma + TMA); decode steps (T == 1) go to the split-K decode kernel (kernels.decode)
   splash      jax's TPU splash attention (band masks only)
   cudnn       jax.nn.dot_product_attention through cuDNN (band masks only)
   auto        pallas_tpu on TPU, pallas_gpu on GPU, xla on CPU

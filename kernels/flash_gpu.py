@@ -9,6 +9,8 @@ Layout and work split (bq, bk: query and key block sizes):
   dk, dv    grid (K, S/bk, B): one key block of one kv head; loops over its G q heads and the
             query blocks that can see it.
 GQA is native: q head n reads kv head n // G straight from k, v [B, S, K, H].
+On a Hopper GPU the forward of bf16/f16 self-attention runs in `kernels.flash_hopper` (Mosaic GPU:
+wgmma, TMA, warp specialisation) instead; it leaves the same logsumexp for these backward kernels.
 
 Block skipping never builds a T x S mask. Small XLA reductions give, per query block, the
 union [lo, hi] of its rows' intervals and, per key block, the range [kmin, kmax] of its key
@@ -38,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from kernels import blocks
+from kernels import blocks, flash_hopper
 
 EMPTY = blocks.EMPTY  # k_pos of an unused cache slot (and of the wrapper's padding keys)
 _LOG2E = math.log2(math.e)
@@ -56,6 +58,7 @@ class _Config:
     interpret: bool
     num_warps: int | None
     num_stages: int | None
+    mosaic: bool = False  # forward by the Hopper kernel (kernels.flash_hopper); backward stays Triton
 
     def params(self, head_dim: int, itemsize: int, loop_rows: int, fixed_rows: int,
                backward: bool = False) -> pl_triton.CompilerParams:
@@ -338,13 +341,21 @@ def _dkdv_call(cfg: _Config, q, k, v, do, lse, delta, meta):
 # ----------------------------------------------------------------------------- custom_vjp
 
 
+def _forward(cfg: _Config, q, k, v, meta):
+    """(o, lse [B, N, T] f32 log2): the Hopper kernel when cfg.mosaic, else Triton."""
+    if cfg.mosaic:
+        _, _, k_start, k_end, _ = meta
+        return flash_hopper.forward(q, k, v, k_start, k_end, scale=cfg.scale, interpret=cfg.interpret)
+    return _fwd_call(cfg, q, k, v, meta)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg: _Config, q, k, v, meta):
-    return _fwd_call(cfg, q, k, v, meta)[0]
+    return _forward(cfg, q, k, v, meta)[0]
 
 
 def _flash_fwd(cfg: _Config, q, k, v, meta):
-    o, lse = _fwd_call(cfg, q, k, v, meta)
+    o, lse = _forward(cfg, q, k, v, meta)
     return o, (q, k, v, meta, o, lse)
 
 
@@ -381,6 +392,12 @@ def block_meta(k_start, k_end, k_pos, block_q, block_k):
 # ----------------------------------------------------------------------------- entry point
 
 
+def default_block(head_dim: int, itemsize: int) -> int:
+    """Default block_q = block_k: 64, or 32 where a [64, H] tile takes 64 KB or more. Measured on an H200
+    (jax 0.11.2): the f32 backward at H = 256 asked for 272 KB of shared memory at 64 x 64, single-stage."""
+    return 64 if 64 * _pow2_at_least(head_dim) * itemsize < 64 * 1024 else 32
+
+
 def _pow2_at_least(x: int, floor: int = 16) -> int:
     return max(floor, blocks.next_pow2(x))
 
@@ -395,7 +412,7 @@ def _pad_axis(x, axis, size, value=0):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "softcap", "block_q", "block_k", "interpret", "num_warps", "num_stages"),
+    static_argnames=("scale", "softcap", "block_q", "block_k", "interpret", "num_warps", "num_stages", "mosaic"),
 )
 def attention(
     q: jax.Array,
@@ -412,14 +429,18 @@ def attention(
     interpret: bool = False,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    mosaic: bool | None = None,
 ) -> jax.Array:
     """Flash attention of q [B, T, N, H] over k, v [B, S, K, H] within per-query key intervals.
 
     Query (b, t) sees key s iff k_start[b, t] <= k_pos[b, s] <= k_end[b, t] (k_pos int32 [B, S],
     default s; unused slots at -2**30 are never visible). Differentiable in q, k, v.
     block_q, block_k: powers of two >= 16 (shrunk to the padded sequence when it is shorter);
-      default 64, or 32 when a [64, H] tile exceeds 64 KB (f32 at H = 256) so the backward fits.
+      default `default_block(H, itemsize)`: 64, or 32 where a [64, H] tile takes 64 KB (f32 at H = 256).
     num_warps / num_stages: Triton settings (default 4 warps, 3 stages; 8 and 2 for block_q >= 128 at H = 256).
+    mosaic: run the forward by the Hopper kernel (kernels.flash_hopper: wgmma + TMA). Default: where it
+      serves the call (self-attention, k_pos None, bf16/f16, H a multiple of 64 up to 256, no softcap)
+      on a Hopper GPU. True forces it (in interpret mode on CPU); the backward is Triton's either way.
     Returns [B, T, N, H] in q's dtype.
     """
     b, t, n, h = q.shape
@@ -428,14 +449,21 @@ def attention(
         raise ValueError(
             f"flash_gpu.attention expects q [B,T,N,H], k = v [B,S,K,H] with K | N; got {q.shape}, {k.shape}, {v.shape}"
         )
-    default_block = 64 if 64 * _pow2_at_least(h) * q.dtype.itemsize <= 64 * 1024 else 32
-    block_q, block_k = block_q or default_block, block_k or default_block
+    block = default_block(h, q.dtype.itemsize)
+    block_q, block_k = block_q or block, block_k or block
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"{name} must be a power of two >= 16; got {blk}")
+    if mosaic is None:
+        mosaic = not interpret and flash_hopper.serves(q, k, softcap, k_pos) and flash_hopper.on_hopper()
+    elif mosaic and not flash_hopper.serves(q, k, softcap, k_pos):
+        raise ValueError("mosaic=True needs self-attention with k_pos None, bf16/f16, H a multiple of 64 "
+                         "up to 256 and no softcap")
     bq = min(block_q, _pow2_at_least(t))
     bk = min(block_k, _pow2_at_least(s))
     t_pad, s_pad, h_pad = blocks.round_up(t, bq), blocks.round_up(s, bk), _pow2_at_least(h)
+    if mosaic:  # whole Hopper tiles; S == T, and bq, bk divide the tile
+        t_pad = s_pad = blocks.round_up(t, max(bq, bk, flash_hopper.TILE))
 
     general_pos = k_pos is not None
     if k_pos is None:
@@ -458,6 +486,7 @@ def attention(
         interpret=interpret,
         num_warps=num_warps,
         num_stages=num_stages,
+        mosaic=mosaic,
     )
     out = _flash(cfg, q_p, k_p, v_p, (qmeta, kmeta, k_start, k_end, k_pos))
     return out[:, :t, :, :h]

@@ -259,9 +259,11 @@ def test_rejects_bad_block_size():
 PRODUCTION = [(32768, 1024), (8192, 1024)]
 
 
+@pytest.mark.parametrize("mosaic", [False, True])
 @pytest.mark.parametrize("t,window", PRODUCTION)
-def test_lowers_for_cuda_at_production_shapes(t, window):
-    """Forward and backward lower to Triton custom calls for an H200 at B=1, N=8, K=4, H=256, bf16.
+def test_lowers_for_cuda_at_production_shapes(t, window, mosaic):
+    """Forward and backward lower for an H200 at B=1, N=8, K=4, H=256, bf16: Triton custom calls, or with
+    mosaic=True the Hopper forward (a Mosaic GPU custom call) and the Triton backward.
 
     Lowering (Pallas -> Triton IR) needs no GPU when an abstract GPU device is named; PTX
     compilation happens later on the GPU itself, so this does not prove Triton compiles it."""
@@ -274,7 +276,7 @@ def test_lowers_for_cuda_at_production_shapes(t, window):
     rows = sds((b, t), jnp.int32)
 
     def fwd(q, k, v, ks, ke):
-        return flash_gpu.attention(q, k, v, ks, ke, scale=h**-0.5)
+        return flash_gpu.attention(q, k, v, ks, ke, scale=h**-0.5, mosaic=mosaic)
 
     def grads(q, k, v, ks, ke):
         return jax.grad(lambda *a: fwd(*a, ks, ke).astype(jnp.float32).sum(), (0, 1, 2))(q, k, v)
@@ -284,6 +286,15 @@ def test_lowers_for_cuda_at_production_shapes(t, window):
     with jax.sharding.use_abstract_mesh(mesh):
         fwd_hlo = jax.jit(fwd).trace(q, kv, kv, rows, rows).lower(lowering_platforms=("cuda",)).as_text()
         bwd_hlo = jax.jit(grads).trace(q, kv, kv, rows, rows).lower(lowering_platforms=("cuda",)).as_text()
-    assert fwd_hlo.count("__gpu$xla.gpu.triton") == 1
-    assert bwd_hlo.count("__gpu$xla.gpu.triton") == 3  # forward, dq, dk/dv
+    assert fwd_hlo.count("__gpu$xla.gpu.triton") == (0 if mosaic else 1)
+    assert bwd_hlo.count("__gpu$xla.gpu.triton") == (2 if mosaic else 3)  # forward, dq, dk/dv
+    assert fwd_hlo.count("@mosaic_gpu") == bwd_hlo.count("@mosaic_gpu") == (1 if mosaic else 0)
     assert f"{t}x{t}" not in fwd_hlo + bwd_hlo, "a T x S array was materialized"
+
+
+def test_default_block_fits_the_f32_backward():
+    """64 x 64 blocks, but 32 where a [64, H] tile takes 64 KB: on an H200 the f32 backward at H = 256
+    asked for 272 KB of shared memory (227 KB available) at 64 x 64."""
+    assert flash_gpu.default_block(256, 2) == 64  # bf16 at Gemma 3's head_dim
+    assert flash_gpu.default_block(128, 4) == 64
+    assert flash_gpu.default_block(256, 4) == 32

@@ -1,0 +1,266 @@
+"""Flash attention forward for Hopper GPUs: Pallas Mosaic GPU (wgmma, TMA, warp specialisation).
+
+Serves the prefill / training shape: self-attention (S == T) with key positions s, bf16 or f16,
+head_dim a multiple of 64 up to 256, no soft-cap. `flash_gpu` routes that shape here on a Hopper
+GPU and keeps its Triton kernels for the rest and for the backward, which reads this forward's
+logsumexp (same layout and units: [B, N, T] f32, log2, scale folded in).
+
+One CTA serves a tile of 2 * bq query rows of one q head, with three warpgroups:
+  two compute warpgroups, bq rows each: S = Q K^T and O += P V on the tensor cores (wgmma), the
+    online softmax in registers; they take turns on the tensor cores (a shared schedule barrier);
+  one producer warpgroup: streams the tile's K and V blocks by TMA into a ring of `stages` slots
+    and refills a slot once both compute warpgroups have released it.
+The tile visits key blocks [first, end) of its hull (`blocks.hulls`, read as scalars from a small
+[B, 4, T / 2bq] table); the blocks in [a, b) lie inside every row's interval (`blocks.inside`) and
+skip the per-element mask: on a sliding window that is all but the two edges of the band.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import blocks
+
+_LOG2E = math.log2(math.e)
+BLOCK_Q = 64  # rows per compute warpgroup (one wgmma M tile)
+BLOCK_K = 64  # keys per pipeline slot: with H = 256 two slots of K and V and the Q tile fill ~192 KB
+STAGES = 2
+TILE = 2 * BLOCK_Q  # query rows per CTA
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    scale: float
+    groups: int  # q heads per kv head
+    block_q: int = BLOCK_Q
+    block_k: int = BLOCK_K
+    stages: int = STAGES
+    interpret: bool = False
+
+
+def serves(q: jax.Array, k: jax.Array, softcap, k_pos) -> bool:
+    """Whether this kernel computes the call: self-attention with key positions s, bf16 or f16,
+    head_dim a multiple of 64 up to 256, no soft-cap."""
+    return (
+        k_pos is None
+        and softcap is None
+        and q.shape[1] == k.shape[1]
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and q.shape[-1] % 64 == 0
+        and q.shape[-1] <= 256
+    )
+
+
+def on_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.x)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+def tile_meta(k_start, k_end, k_pos, tile: int, block_k: int) -> jax.Array:
+    """int32 [B, 4, T / tile]: per query tile the key blocks its loop visits, (first, a, b, end):
+    masked [first, a), unmasked [a, b) (inside every row's interval), masked [b, end)."""
+    *_, meets = blocks.hulls(k_start, k_end, k_pos, tile, block_k)
+    first, last = blocks.first_last(meets, axis=2)
+    in_first, in_last = blocks.first_last(blocks.inside(k_start, k_end, k_pos, tile, block_k), axis=2)
+    end = last + 1
+    has = in_first <= in_last
+    a = jnp.where(has, in_first, end)
+    b = jnp.where(has, in_last + 1, end)
+    return jnp.stack([first, a, b, end], axis=1).astype(jnp.int32)
+
+
+def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, cfg: _Config):
+    b = lax.axis_index("batch")
+    n = lax.axis_index("heads")
+    tile = lax.axis_index("q_seq")
+    wg = lax.axis_index("wg")
+    (qo_smem2, k_smem, v_smem, ks_smem2, ke_smem2, lse_smem2, *p_smem2), loaded, released, schedule = scoped
+    p_smem2 = p_smem2[0] if p_smem2 else None  # P staged in SMEM: interpret mode only
+    k_loaded, v_loaded, q_loaded, ks_loaded, ke_loaded = loaded
+    k_released, v_released = released
+    bq, bk, stages = cfg.block_q, cfg.block_k, cfg.stages
+    first, a, b_, end = (meta_ref[b, r, tile] for r in range(4))
+    steps = end - first
+    head_dim = q_ref.shape[-1]
+    dtype = q_ref.dtype
+
+    def take_turn():  # the two compute warpgroups alternate on the tensor cores
+        plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+        row0 = tile * (2 * bq) + wg * bq
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), n], qo_smem, q_loaded.at[wg])
+        plgpu.copy_gmem_to_smem(ks_ref.at[b, pl.ds(row0, bq)], ks_smem2.at[wg], ks_loaded.at[wg])
+        plgpu.copy_gmem_to_smem(ke_ref.at[b, pl.ds(row0, bq)], ke_smem2.at[wg], ke_loaded.at[wg])
+        row = plgpu.Layout.WGMMA.reduce(1)
+        plgpu.barrier_wait(ks_loaded.at[wg])
+        plgpu.barrier_wait(ke_loaded.at[wg])
+        k_start = plgpu.load(ks_smem2.at[wg], layout=row)
+        k_end = plgpu.load(ke_smem2.at[wg], layout=row)
+        plgpu.barrier_wait(q_loaded.at[wg])
+
+        acc = plgpu.layout_cast(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row)
+        l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row)
+
+        @pl.when(steps > 0)
+        def _():
+            plgpu.barrier_wait(k_loaded.at[0])
+
+        pl.when(wg == 1)(take_turn)
+
+        def step(i, carry, masked: bool):
+            acc, m, l = carry
+            slot = lax.rem(i, jnp.int32(stages))
+
+            def qk(s_ref):
+                plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                take_turn()
+                return s_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+            plgpu.barrier_arrive(k_released.at[slot])
+            s = s * (cfg.scale * _LOG2E)  # logits in log2 units
+            if masked:
+                pos = (first + i) * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
+                lo = lax.broadcast_in_dim(k_start, (bq, bk), [0])
+                hi = lax.broadcast_in_dim(k_end, (bq, bk), [0])
+                s = jnp.where((pos >= lo) & (pos <= hi), s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # nothing visible yet
+            alpha = jnp.exp2(m - m_safe)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p16 = p.astype(dtype)
+            plgpu.barrier_arrive(schedule)  # softmax done
+            plgpu.barrier_wait(v_loaded.at[slot])
+            plgpu.barrier_wait(schedule)  # the tensor cores are ours
+            l = l * alpha + p.sum(axis=1)
+
+            def wait_next_k():
+                nxt = i + 1
+
+                @pl.when(nxt < steps)
+                def _():
+                    plgpu.barrier_wait(k_loaded.at[lax.rem(nxt, jnp.int32(stages))])
+
+            if cfg.interpret:  # the CPU interpreter's wgmma takes A from SMEM and starts from zero
+                p_smem = p_smem2.at[wg]
+                p_smem[...] = p16
+
+                def pv(o_ref):
+                    plgpu.wgmma(o_ref, p_smem, v_smem.at[slot])
+                    wait_next_k()
+                    return o_ref[...]
+
+                acc = acc + pl.run_scoped(pv, plgpu.ACC((bq, head_dim), jnp.float32))
+            else:
+                def pv(o_ref):
+                    plgpu.wgmma(o_ref, p16, v_smem.at[slot])
+                    wait_next_k()
+
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_released.at[slot])
+            return acc, m_new, l
+
+        masked = functools.partial(step, masked=True)
+        carry = lax.fori_loop(0, a - first, masked, (acc, m, l))
+        carry = lax.fori_loop(a - first, b_ - first, functools.partial(step, masked=False), carry)
+        acc, m, l = lax.fori_loop(b_ - first, steps, masked, carry)
+        pl.when(wg == 0)(take_turn)
+
+        empty = l == 0.0
+        l_safe = jnp.where(empty, 1.0, l)
+        qo_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+        lse_smem[...] = jnp.where(empty, 0.0, m + jnp.log2(l_safe))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(row0, bq), n])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, n, pl.ds(row0, bq)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _produce():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(n, jnp.int32(cfg.groups))
+
+        def fetch(i, slot):
+            keys = (b, pl.ds((first + i) * bk, bk), kv_head)
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_loaded.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_loaded.at[slot])
+
+        for i in range(stages):
+            pl.when(i < steps)(functools.partial(fetch, i, i))
+
+        @pl.loop(0, jnp.maximum(steps - stages, 0))
+        def _(i):
+            slot = lax.rem(i, jnp.int32(stages))
+            keys = (b, pl.ds((first + i + stages) * bk, bk), kv_head)
+            plgpu.barrier_wait(k_released.at[slot])
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_loaded.at[slot])
+            plgpu.barrier_wait(v_released.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_loaded.at[slot])
+
+
+def forward(q, k, v, k_start, k_end, *, scale: float, interpret: bool = False):
+    """q, k, v [B, T, N|K, H] (T a multiple of 2 * BLOCK_Q), k_start, k_end [B, T] int32 ->
+    (o [B, T, N, H], lse [B, N, T] f32 in log2 units; 0 for rows that see nothing)."""
+    bsz, t, n, h = q.shape
+    cfg = _Config(scale=float(scale), groups=n // k.shape[2], interpret=interpret)
+    if t % TILE:
+        raise ValueError(f"flash_hopper.forward needs T a multiple of {TILE}; got {t}")
+    k_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (bsz, t))
+    meta = tile_meta(k_start, k_end, k_pos, TILE, cfg.block_k)
+    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+    def entry(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
+        smem = (
+            plgpu.SMEM((2, cfg.block_q, h), q.dtype, transforms=tiled),  # Q in, O out
+            plgpu.SMEM((cfg.stages, cfg.block_k, h), k.dtype, transforms=tiled),
+            plgpu.SMEM((cfg.stages, cfg.block_k, h), v.dtype, transforms=tiled),
+            plgpu.SMEM((2, cfg.block_q), jnp.int32),
+            plgpu.SMEM((2, cfg.block_q), jnp.int32),
+            plgpu.SMEM((2, cfg.block_q), jnp.float32),
+        )
+        if interpret:
+            smem += (plgpu.SMEM((2, cfg.block_q, cfg.block_k), q.dtype, transforms=tiled),)
+        loaded = (
+            plgpu.Barrier(num_barriers=cfg.stages),  # K slot filled
+            plgpu.Barrier(num_barriers=cfg.stages),  # V slot filled
+            plgpu.Barrier(num_barriers=2),  # Q, per compute warpgroup
+            plgpu.Barrier(num_barriers=2),  # k_start rows
+            plgpu.Barrier(num_barriers=2),  # k_end rows
+        )
+        released = (plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages),) * 2  # K, V slot free again
+        pl.run_scoped(
+            lambda *scoped: _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, cfg=cfg),
+            smem,
+            loaded,
+            released,
+            plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg",
+        )
+
+    call = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((bsz, n, t), jnp.float32)),
+        grid=(n, t // TILE, bsz),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
+    )
+    return call(meta, k_start, k_end, q, k, v)
