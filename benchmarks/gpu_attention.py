@@ -125,8 +125,10 @@ def _check(smoke: bool):
             ke = jnp.where((row < pad) | (row >= t - 3), -1, ke)
         ref = reference.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), ks, ke,
                                   scale=q.shape[-1] ** -0.5)
-        for impl in ("pallas_gpu", "pallas_gpu triton", "cudnn"):
+        for impl in ("pallas_gpu", "pallas_gpu persistent", "pallas_gpu triton", "cudnn"):
             if (impl == "cudnn" and ragged) or impl in SKIP:
+                continue
+            if impl == "pallas_gpu persistent" and (dtype == jnp.float32 or jax.default_backend() == "cpu"):
                 continue
             try:
                 out = jax.jit(functools.partial(_prefill_fn, impl=impl, ks=ks, ke=ke, window=window))(q, k, v)
@@ -193,6 +195,10 @@ def _prefill_fn(q, k, v, *, impl, ks, ke, window):
         from kernels import flash_gpu
         return flash_gpu.attention(q, k, v, ks, ke, scale=q.shape[-1] ** -0.5, mosaic=False,
                                    interpret=jax.default_backend() == "cpu")
+    if impl == "pallas_gpu persistent":  # the Hopper forward with one CTA per SM (forward only)
+        from kernels import flash_hopper
+        return flash_hopper.forward(q, k, v, ks, ke, scale=q.shape[-1] ** -0.5,
+                                    ctas=getattr(jax.devices()[0], "core_count", 132))[0]
     return kernels.attention(q, k, v, ks, ke, impl=impl, window=window)
 
 
@@ -211,8 +217,8 @@ def prefill(smoke: bool, bw: float, rate: float):
             floor = max(flops / rate, nbytes / bw)
             dout = jax.random.normal(jax.random.key(1), q.shape, jnp.bfloat16)
             name = f"prefill T={t} {'local W=' + str(window) if window else 'global'}"
-            for impl in ("pallas_gpu", "pallas_gpu triton", "cudnn", "xla"):
-                if impl in SKIP:
+            for impl in ("pallas_gpu", "pallas_gpu persistent", "pallas_gpu triton", "cudnn", "xla"):
+                if impl in SKIP or (impl == "pallas_gpu persistent" and jax.default_backend() == "cpu"):
                     continue
                 if impl == "xla" and window is None and t > 8192:
                     say(f"{name:28s} {impl:17s} skipped (its T x T scores exceed memory)")
@@ -223,6 +229,8 @@ def prefill(smoke: bool, bw: float, rate: float):
                 try:
                     tf = bench(f, q, k, v)
                     try:
+                        if impl == "pallas_gpu persistent":
+                            raise NotImplementedError("forward only")
                         tb = bench(fb, q, k, v, reps=5)
                         tbs = f"{tb * 1e3:9.2f} ms"
                     except Exception as e:  # noqa: BLE001

@@ -5,7 +5,8 @@ head_dim a multiple of 64 up to 256, no soft-cap. `flash_gpu` routes that shape 
 GPU and keeps its Triton kernels for the rest and for the backward, which reads this forward's
 logsumexp (same layout and units: [B, N, T] f32, log2, scale folded in).
 
-One CTA serves a tile of 2 * bq query rows of one q head, with three warpgroups:
+A work item is a tile of 2 * bq query rows of one q head; a CTA serves one item (or, persistent, every
+`ctas`-th), with three warpgroups:
   two compute warpgroups, bq rows each: S = Q K^T and O += P V on the tensor cores (wgmma), the
     online softmax in registers; they take turns on the tensor cores (a shared schedule barrier);
   one producer warpgroup: streams the tile's K and V blocks by TMA into a ring of `stages` slots
@@ -29,6 +30,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import blocks
 
+try:
+    _InterpretParams = plgpu.InterpretGPUParams
+except AttributeError:  # jax < 0.11 has it, unexported
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as _InterpretParams
+
 _LOG2E = math.log2(math.e)
 BLOCK_Q = 64  # rows per compute warpgroup (one wgmma M tile)
 BLOCK_K = 64  # keys per pipeline slot: with H = 256 two slots of K and V and the Q tile fill ~192 KB
@@ -40,6 +46,7 @@ TILE = 2 * BLOCK_Q  # query rows per CTA
 class _Config:
     scale: float
     groups: int  # q heads per kv head
+    ctas: int  # CTAs launched; each serves work items cta, cta + ctas, ... of B * N * T / TILE
     block_q: int = BLOCK_Q
     block_k: int = BLOCK_K
     stages: int = STAGES
@@ -78,20 +85,37 @@ def tile_meta(k_start, k_end, k_pos, tile: int, block_k: int) -> jax.Array:
     return jnp.stack([first, a, b, end], axis=1).astype(jnp.int32)
 
 
+def _load_row(ref, i, layout):
+    """ref[i] of a 2-D SMEM ref, in registers of `layout` (jax < 0.11 spells the index out)."""
+    try:
+        return plgpu.load(ref.at[i], layout=layout)
+    except TypeError:
+        return plgpu.load(ref.at[i], (), layout=layout)
+
+
 def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, cfg: _Config):
-    b = lax.axis_index("batch")
-    n = lax.axis_index("heads")
-    tile = lax.axis_index("q_seq")
+    cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
     (qo_smem2, k_smem, v_smem, ks_smem2, ke_smem2, lse_smem2, *p_smem2), loaded, released, schedule = scoped
     p_smem2 = p_smem2[0] if p_smem2 else None  # P staged in SMEM: interpret mode only
     k_loaded, v_loaded, q_loaded, ks_loaded, ke_loaded = loaded
     k_released, v_released = released
     bq, bk, stages = cfg.block_q, cfg.block_k, cfg.stages
-    first, a, b_, end = (meta_ref[b, r, tile] for r in range(4))
-    steps = end - first
+    batch, heads, tiles = meta_ref.shape[0], q_ref.shape[2], meta_ref.shape[2]
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
+    my_items = lax.div(batch * heads * tiles - cta + cfg.ctas - 1, jnp.int32(cfg.ctas))
+
+    def item(j):
+        """Work item j of this CTA: (b, n, tile, first, a, b_, end); q heads vary fastest."""
+        idx = cta + j * cfg.ctas
+        n = lax.rem(idx, jnp.int32(heads))
+        tile = lax.rem(lax.div(idx, jnp.int32(heads)), jnp.int32(tiles))
+        b = lax.div(idx, jnp.int32(heads * tiles))
+        return (b, n, tile, *(meta_ref[b, r, tile] for r in range(4)))
+
+    def slot_of(g):
+        return lax.rem(g, jnp.int32(stages))
 
     def take_turn():  # the two compute warpgroups alternate on the tensor cores
         plgpu.barrier_arrive(schedule)
@@ -101,126 +125,137 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scope
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
-        row0 = tile * (2 * bq) + wg * bq
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), n], qo_smem, q_loaded.at[wg])
-        plgpu.copy_gmem_to_smem(ks_ref.at[b, pl.ds(row0, bq)], ks_smem2.at[wg], ks_loaded.at[wg])
-        plgpu.copy_gmem_to_smem(ke_ref.at[b, pl.ds(row0, bq)], ke_smem2.at[wg], ke_loaded.at[wg])
         row = plgpu.Layout.WGMMA.reduce(1)
-        plgpu.barrier_wait(ks_loaded.at[wg])
-        plgpu.barrier_wait(ke_loaded.at[wg])
-        k_start = plgpu.load(ks_smem2.at[wg], layout=row)
-        k_end = plgpu.load(ke_smem2.at[wg], layout=row)
-        plgpu.barrier_wait(q_loaded.at[wg])
 
-        acc = plgpu.layout_cast(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-        m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row)
-        l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row)
+        def one_item(j, g0):
+            """Computes item j; g0 counts the K/V blocks this CTA consumed before it (ring slot = g % stages)."""
+            b, n, tile, first, a, b_, end = item(j)
+            steps = end - first
+            row0 = tile * (2 * bq) + wg * bq
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), n], qo_smem, q_loaded.at[wg])
+            plgpu.copy_gmem_to_smem(ks_ref.at[b, pl.ds(row0, bq)], ks_smem2.at[wg], ks_loaded.at[wg])
+            plgpu.copy_gmem_to_smem(ke_ref.at[b, pl.ds(row0, bq)], ke_smem2.at[wg], ke_loaded.at[wg])
+            plgpu.barrier_wait(ks_loaded.at[wg])
+            plgpu.barrier_wait(ke_loaded.at[wg])
+            k_start, k_end = _load_row(ks_smem2, wg, row), _load_row(ke_smem2, wg, row)
+            plgpu.barrier_wait(q_loaded.at[wg])
 
-        @pl.when(steps > 0)
-        def _():
-            plgpu.barrier_wait(k_loaded.at[0])
+            acc = plgpu.layout_cast(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+            m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row)
+            l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row)
 
-        pl.when(wg == 1)(take_turn)
+            @pl.when(steps > 0)
+            def _():
+                plgpu.barrier_wait(k_loaded.at[slot_of(g0)])
 
-        def step(i, carry, masked: bool):
-            acc, m, l = carry
-            slot = lax.rem(i, jnp.int32(stages))
+            pl.when(wg == 1)(take_turn)
 
-            def qk(s_ref):
-                plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-                take_turn()
-                return s_ref[...]
+            def step(i, carry, masked: bool):
+                acc, m, l = carry
+                slot = slot_of(g0 + i)
 
-            s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-            plgpu.barrier_arrive(k_released.at[slot])
-            s = s * (cfg.scale * _LOG2E)  # logits in log2 units
-            if masked:
-                pos = (first + i) * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
-                lo = lax.broadcast_in_dim(k_start, (bq, bk), [0])
-                hi = lax.broadcast_in_dim(k_end, (bq, bk), [0])
-                s = jnp.where((pos >= lo) & (pos <= hi), s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # nothing visible yet
-            alpha = jnp.exp2(m - m_safe)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p16 = p.astype(dtype)
-            plgpu.barrier_arrive(schedule)  # softmax done
-            plgpu.barrier_wait(v_loaded.at[slot])
-            plgpu.barrier_wait(schedule)  # the tensor cores are ours
-            l = l * alpha + p.sum(axis=1)
+                def qk(s_ref):
+                    plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                    take_turn()
+                    return s_ref[...]
 
-            def wait_next_k():
-                nxt = i + 1
+                s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+                plgpu.barrier_arrive(k_released.at[slot])
+                s = s * (cfg.scale * _LOG2E)  # logits in log2 units
+                if masked:
+                    pos = (first + i) * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
+                    lo = lax.broadcast_in_dim(k_start, (bq, bk), [0])
+                    hi = lax.broadcast_in_dim(k_end, (bq, bk), [0])
+                    s = jnp.where((pos >= lo) & (pos <= hi), s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # nothing visible yet
+                alpha = jnp.exp2(m - m_safe)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p16 = p.astype(dtype)
+                plgpu.barrier_arrive(schedule)  # softmax done
+                plgpu.barrier_wait(v_loaded.at[slot])
+                plgpu.barrier_wait(schedule)  # the tensor cores are ours
+                l = l * alpha + p.sum(axis=1)
 
-                @pl.when(nxt < steps)
-                def _():
-                    plgpu.barrier_wait(k_loaded.at[lax.rem(nxt, jnp.int32(stages))])
+                def wait_next_k():
+                    @pl.when(i + 1 < steps)
+                    def _():
+                        plgpu.barrier_wait(k_loaded.at[slot_of(g0 + i + 1)])
 
-            if cfg.interpret:  # the CPU interpreter's wgmma takes A from SMEM and starts from zero
-                p_smem = p_smem2.at[wg]
-                p_smem[...] = p16
+                if cfg.interpret:  # the CPU interpreter's wgmma takes A from SMEM and starts from zero
+                    p_smem = p_smem2.at[wg]
+                    p_smem[...] = p16
 
-                def pv(o_ref):
-                    plgpu.wgmma(o_ref, p_smem, v_smem.at[slot])
-                    wait_next_k()
-                    return o_ref[...]
+                    def pv(o_ref):
+                        plgpu.wgmma(o_ref, p_smem, v_smem.at[slot])
+                        wait_next_k()
+                        return o_ref[...]
 
-                acc = acc + pl.run_scoped(pv, plgpu.ACC((bq, head_dim), jnp.float32))
-            else:
-                def pv(o_ref):
-                    plgpu.wgmma(o_ref, p16, v_smem.at[slot])
-                    wait_next_k()
+                    acc = acc + pl.run_scoped(pv, plgpu.ACC((bq, head_dim), jnp.float32))
+                else:
+                    def pv(o_ref):
+                        plgpu.wgmma(o_ref, p16, v_smem.at[slot])
+                        wait_next_k()
 
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_released.at[slot])
-            return acc, m_new, l
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_released.at[slot])
+                return acc, m_new, l
 
-        masked = functools.partial(step, masked=True)
-        carry = lax.fori_loop(0, a - first, masked, (acc, m, l))
-        carry = lax.fori_loop(a - first, b_ - first, functools.partial(step, masked=False), carry)
-        acc, m, l = lax.fori_loop(b_ - first, steps, masked, carry)
-        pl.when(wg == 0)(take_turn)
+            masked = functools.partial(step, masked=True)
+            carry = lax.fori_loop(0, a - first, masked, (acc, m, l))
+            carry = lax.fori_loop(a - first, b_ - first, functools.partial(step, masked=False), carry)
+            acc, m, l = lax.fori_loop(b_ - first, steps, masked, carry)
+            pl.when(wg == 0)(take_turn)
 
-        empty = l == 0.0
-        l_safe = jnp.where(empty, 1.0, l)
-        qo_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
-        lse_smem[...] = jnp.where(empty, 0.0, m + jnp.log2(l_safe))
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(row0, bq), n])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, n, pl.ds(row0, bq)])
-        plgpu.wait_smem_to_gmem(0)
+            empty = l == 0.0
+            l_safe = jnp.where(empty, 1.0, l)
+            qo_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+            lse_smem[...] = jnp.where(empty, 0.0, m + jnp.log2(l_safe))
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(row0, bq), n])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, n, pl.ds(row0, bq)])
+            plgpu.wait_smem_to_gmem(0)  # Q of the next item lands in the same buffer
+            return g0 + steps
+
+        lax.fori_loop(0, my_items, one_item, jnp.int32(0))
 
     @pl.when(wg == 2)
     def _produce():
         plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(n, jnp.int32(cfg.groups))
 
-        def fetch(i, slot):
-            keys = (b, pl.ds((first + i) * bk, bk), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_loaded.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_loaded.at[slot])
+        def one_item(j, g0):
+            b, n, _, first, _, _, end = item(j)
+            kv_head = lax.div(n, jnp.int32(cfg.groups))
 
-        for i in range(stages):
-            pl.when(i < steps)(functools.partial(fetch, i, i))
+            @pl.loop(0, end - first)
+            def _(i):
+                g = g0 + i
+                slot = slot_of(g)
+                keys = (b, pl.ds((first + i) * bk, bk), kv_head)
+                pl.when(g >= stages)(lambda: plgpu.barrier_wait(k_released.at[slot]))  # both warpgroups done
+                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_loaded.at[slot])
+                pl.when(g >= stages)(lambda: plgpu.barrier_wait(v_released.at[slot]))
+                plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_loaded.at[slot])
 
-        @pl.loop(0, jnp.maximum(steps - stages, 0))
-        def _(i):
-            slot = lax.rem(i, jnp.int32(stages))
-            keys = (b, pl.ds((first + i + stages) * bk, bk), kv_head)
-            plgpu.barrier_wait(k_released.at[slot])
-            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_loaded.at[slot])
-            plgpu.barrier_wait(v_released.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_loaded.at[slot])
+            return g0 + end - first
+
+        lax.fori_loop(0, my_items, one_item, jnp.int32(0))
 
 
-def forward(q, k, v, k_start, k_end, *, scale: float, interpret: bool = False):
+def forward(q, k, v, k_start, k_end, *, scale: float, ctas: int | None = None, interpret: bool = False):
     """q, k, v [B, T, N|K, H] (T a multiple of 2 * BLOCK_Q), k_start, k_end [B, T] int32 ->
-    (o [B, T, N, H], lse [B, N, T] f32 in log2 units; 0 for rows that see nothing)."""
+    (o [B, T, N, H], lse [B, N, T] f32 in log2 units; 0 for rows that see nothing).
+
+    ctas: CTAs to launch. Default: one per work item (a query tile of one head). Fewer makes the
+    kernel persistent: a CTA serves several items and its producer streams the next item's K/V
+    while the compute warpgroups finish the current one (the number of SMs is the natural choice).
+    """
     bsz, t, n, h = q.shape
-    cfg = _Config(scale=float(scale), groups=n // k.shape[2], interpret=interpret)
     if t % TILE:
         raise ValueError(f"flash_hopper.forward needs T a multiple of {TILE}; got {t}")
+    items = bsz * n * (t // TILE)
+    cfg = _Config(scale=float(scale), groups=n // k.shape[2], ctas=min(ctas or items, items), interpret=interpret)
     k_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (bsz, t))
     meta = tile_meta(k_start, k_end, k_pos, TILE, cfg.block_k)
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -256,11 +291,11 @@ def forward(q, k, v, k_start, k_end, *, scale: float, interpret: bool = False):
     call = plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((bsz, n, t), jnp.float32)),
-        grid=(n, t // TILE, bsz),
-        grid_names=("heads", "q_seq", "batch"),
+        grid=(cfg.ctas,),
+        grid_names=("cta",),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
+        **({"interpret": _InterpretParams()} if interpret else {}),
     )
     return call(meta, k_start, k_end, q, k, v)
