@@ -31,17 +31,25 @@ def hulls(k_start: jax.Array, k_end: jax.Array, k_pos: jax.Array, block_q: int, 
     return q_lo, q_hi, k_lo, k_hi, meets
 
 
+def inside_hulls(k_start: jax.Array, k_end: jax.Array, k_pos: jax.Array, block_q: int, block_k: int):
+    """Per query block the keys every row sees, [in_lo, in_hi] [B, T/bq] (max k_start, min k_end: an
+    empty row inverts it); per key block the range of all its positions, [all_lo, all_hi] [B, S/bk]
+    ((BIG, BIG) when a slot is empty, so it is inside nothing). Query block i sees key block j whole
+    iff in_lo[i] <= all_lo[j] and all_hi[j] <= in_hi[i]."""
+    b, t = k_start.shape
+    s = k_pos.shape[1]
+    in_lo = k_start.reshape(b, t // block_q, block_q).max(-1)
+    in_hi = k_end.reshape(b, t // block_q, block_q).min(-1)
+    slots = k_pos.reshape(b, s // block_k, block_k)
+    filled = jnp.all(slots > EMPTY, axis=-1)
+    return in_lo, in_hi, jnp.where(filled, slots.min(-1), BIG), jnp.where(filled, slots.max(-1), BIG)
+
+
 def inside(k_start: jax.Array, k_end: jax.Array, k_pos: jax.Array, block_q: int, block_k: int) -> jax.Array:
     """bool [B, T/bq, S/bk]: every row of the query block sees every slot of the key block (all slots
     filled, all rows non-empty), so a kernel may skip the per-element test there."""
-    b, t = k_start.shape
-    s = k_pos.shape[1]
-    in_lo = k_start.reshape(b, t // block_q, block_q).max(-1)  # an empty row inverts this hull
-    in_hi = k_end.reshape(b, t // block_q, block_q).min(-1)
-    slots = k_pos.reshape(b, s // block_k, block_k)
-    filled = jnp.all(slots > EMPTY, axis=-1)  # a block with an empty slot is never inside
-    all_lo, all_hi = slots.min(-1), slots.max(-1)
-    return filled[:, None, :] & (in_lo[:, :, None] <= all_lo[:, None, :]) & (all_hi[:, None, :] <= in_hi[:, :, None])
+    in_lo, in_hi, all_lo, all_hi = inside_hulls(k_start, k_end, k_pos, block_q, block_k)
+    return (in_lo[:, :, None] <= all_lo[:, None, :]) & (all_hi[:, None, :] <= in_hi[:, :, None])
 
 
 def first_last(mask: jax.Array, axis: int, none: tuple[int, int] = (0, -1)) -> tuple[jax.Array, jax.Array]:

@@ -20,7 +20,9 @@ the longest range over all query blocks (a sliding window over 32K keys walks
 ~W/bk blocks, not S/bk). A repeated block index means no new DMA, and pl.when
 skips the compute of repeated steps and of in-range blocks that do not meet
 (ring buffers). Inside a visited block the exact per-element interval test
-applies. The dK/dV kernel walks query blocks per key block the same way.
+applies, except where every row sees every slot of the block (the bulk of a
+window or causal prefix, `blocks.inside_hulls`): those run unmasked and uncleaned.
+The dK/dV kernel walks query blocks per key block the same way.
 """
 
 from __future__ import annotations
@@ -64,17 +66,24 @@ def block_tables(k_start, k_end, k_pos, block_q: int, block_k: int):
     k_start, k_end: [B, Tp]; k_pos: [B, Sp] (Tp % block_q == Sp % block_k == 0).
     Returns dict with q_lo/q_hi [B*nq] (interval hull of a query block's non-empty rows),
     k_lo/k_hi [B*nk] (hull of a key block's non-empty slots), j_first/j_last [B*nq]
-    (range of key blocks that meet query block i) and i_first/i_last [B*nk] (the
-    transpose). A block with no partner gets first = last = 0 and fails `meets`.
+    (range of key blocks that meet query block i), i_first/i_last [B*nk] (the
+    transpose), and in_lo/in_hi [B*nq], all_lo/all_hi [B*nk] (`blocks.inside_hulls`: which
+    visited blocks every row sees whole). A block with no partner gets first = last = 0 and
+    fails `meets`.
     """
     q_lo, q_hi, k_lo, k_hi, meets = blocks.hulls(k_start, k_end, k_pos, block_q, block_k)
+    in_lo, in_hi, all_lo, all_hi = blocks.inside_hulls(k_start, k_end, k_pos, block_q, block_k)
     j_first, j_last = blocks.first_last(meets, axis=2, none=(0, 0))
     i_first, i_last = blocks.first_last(meets, axis=1, none=(0, 0))
     flat = lambda x: x.reshape(-1).astype(jnp.int32)
     return dict(
         j_first=flat(j_first), j_last=flat(j_last), i_first=flat(i_first), i_last=flat(i_last),
         q_lo=flat(q_lo), q_hi=flat(q_hi), k_lo=flat(k_lo), k_hi=flat(k_hi),
+        in_lo=flat(in_lo), in_hi=flat(in_hi), all_lo=flat(all_lo), all_hi=flat(all_hi),
     )
+
+
+TABLES = ("q_lo", "q_hi", "k_lo", "k_hi", "in_lo", "in_hi", "all_lo", "all_hi")  # after the walk's first, last
 
 
 def _walk(first_ref, last_ref, row, step):
@@ -93,6 +102,26 @@ def _visits(first_ref, last_ref, row, step):
 
 def _meets(q_lo_ref, q_hi_ref, k_lo_ref, k_hi_ref, qrow, krow):
     return (k_lo_ref[krow] <= q_hi_ref[qrow]) & (k_hi_ref[krow] >= q_lo_ref[qrow])
+
+
+def _masked_and_whole(tables, visit, qrow, krow):
+    """(masked, whole): a visited block needs the per-element test, or every row sees it whole
+    (no mask, no cleaning: it has no empty slot)."""
+    q_lo, q_hi, k_lo, k_hi, in_lo, in_hi, all_lo, all_hi = tables
+    visit = visit & _meets(q_lo, q_hi, k_lo, k_hi, qrow, krow)
+    whole = (in_lo[qrow] <= all_lo[krow]) & (all_hi[krow] <= in_hi[qrow])
+    return visit & ~whole, visit & whole
+
+
+def _when_visited(tables, visit, qrow, krow):
+    """Decorator: runs step(masked: bool) under the matching condition of `_masked_and_whole`."""
+    masked, whole = _masked_and_whole(tables, visit, qrow, krow)
+
+    def run(step):
+        pl.when(masked)(functools.partial(step, True))
+        pl.when(whole)(functools.partial(step, False))
+
+    return run
 
 
 # --------------------------------------------------------------------------- in-kernel helpers
@@ -115,13 +144,14 @@ def _clean(x, kp_col_ref):
 
 
 def _scores(q, k, mask, cfg: _Config):
-    """f32 [bq, bk] logits (scaled, soft-capped, masked to -inf) and tanh(logit / cap) for the backward."""
+    """f32 [bq, bk] logits (scaled, soft-capped, masked to -inf unless mask is None) and
+    tanh(logit / cap) for the backward."""
     s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
     t = None
     if cfg.softcap is not None:
         t = jnp.tanh(s * (1.0 / cfg.softcap))
         s = t * cfg.softcap
-    return jnp.where(mask, s, -jnp.inf), t
+    return (s if mask is None else jnp.where(mask, s, -jnp.inf)), t
 
 
 def _lanes(x, n):
@@ -137,13 +167,10 @@ def _head(ref, g, h):
 # --------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(
-    j_first, j_last, q_lo, q_hi, k_lo, k_hi,  # SMEM tables
-    q_ref, k_ref, v_ref, qs_ref, qe_ref, kp_row_ref, kp_col_ref,  # VMEM blocks
-    o_ref, lse_ref,  # outputs
-    m_sc, l_sc, acc_sc,  # scratch
-    *, cfg: _Config, nq: int, nk: int,
-):
+def _fwd_kernel(j_first, j_last, *refs, cfg: _Config, nq: int, nk: int):
+    """refs: the SMEM tables of TABLES, then the VMEM blocks, the outputs and the scratch."""
+    tables, (q_ref, k_ref, v_ref, qs_ref, qe_ref, kp_row_ref, kp_col_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc) = (
+        refs[: len(TABLES)], refs[len(TABLES) :])
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     qrow = b * nq + i
     kblk = _walk(j_first, j_last, qrow, j)
@@ -155,11 +182,11 @@ def _fwd_kernel(
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    @pl.when(_visits(j_first, j_last, qrow, j) & _meets(q_lo, q_hi, k_lo, k_hi, qrow, b * nk + kblk))
-    def _step():
-        mask = _interval_mask(qs_ref, qe_ref, kp_row_ref)
+    @_when_visited(tables, _visits(j_first, j_last, qrow, j), qrow, b * nk + kblk)
+    def _step(masked: bool):
+        mask = _interval_mask(qs_ref, qe_ref, kp_row_ref) if masked else None
         k = k_ref[0]  # NaN keys only reach masked scores, which jnp.where drops
-        v = _clean(v_ref[0], kp_col_ref)
+        v = _clean(v_ref[0], kp_col_ref) if masked else v_ref[0]
         for g in range(cfg.groups):
             s, _ = _scores(_head(q_ref, g, h), k, mask, cfg)  # [bq, bk]
             m_prev = m_sc[g]  # [bq, 128]
@@ -231,7 +258,7 @@ def _forward(q, k, v, k_start, k_end, k_pos, cfg: _Config):
     tab = block_tables(k_start, k_end, k_pos, cfg.block_q, cfg.block_k)
     q_spec, kv_spec, row_spec, qint_spec, kp_row_spec, kp_col_spec = _specs(cfg, nq, nk, q_major=True)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=6,
+        num_scalar_prefetch=2 + len(TABLES),
         grid=(b, kvh, nq, _walk_length(tab["j_first"], tab["j_last"])),
         in_specs=[q_spec, kv_spec, kv_spec, qint_spec, qint_spec, kp_row_spec, kp_col_spec],
         out_specs=[q_spec, row_spec],
@@ -252,7 +279,7 @@ def _forward(q, k, v, k_start, k_end, k_pos, cfg: _Config):
         name="flash_interval_fwd",
         compiler_params=_compiler_params(),
     )(
-        tab["j_first"], tab["j_last"], tab["q_lo"], tab["q_hi"], tab["k_lo"], tab["k_hi"],
+        tab["j_first"], tab["j_last"], *(tab[name] for name in TABLES),
         q, k, v, *_layouts(k_start, k_end, k_pos),
     )
     return o, lse
@@ -273,13 +300,9 @@ def _probs_and_dscore(q, k, v, do, lse, delta, mask, cfg: _Config):
     return p, ds
 
 
-def _dq_kernel(
-    j_first, j_last, q_lo, q_hi, k_lo, k_hi,
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, qe_ref, kp_row_ref, kp_col_ref,
-    dq_ref,
-    dq_sc,
-    *, cfg: _Config, nq: int, nk: int,
-):
+def _dq_kernel(j_first, j_last, *refs, cfg: _Config, nq: int, nk: int):
+    tables, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, qe_ref, kp_row_ref, kp_col_ref, dq_ref,
+             dq_sc) = refs[: len(TABLES)], refs[len(TABLES) :]
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     qrow = b * nq + i
     kblk = _walk(j_first, j_last, qrow, j)
@@ -289,11 +312,11 @@ def _dq_kernel(
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-    @pl.when(_visits(j_first, j_last, qrow, j) & _meets(q_lo, q_hi, k_lo, k_hi, qrow, b * nk + kblk))
-    def _step():
-        mask = _interval_mask(qs_ref, qe_ref, kp_row_ref)
-        k = _clean(k_ref[0], kp_col_ref)
-        v = _clean(v_ref[0], kp_col_ref)
+    @_when_visited(tables, _visits(j_first, j_last, qrow, j), qrow, b * nk + kblk)
+    def _step(masked: bool):
+        mask = _interval_mask(qs_ref, qe_ref, kp_row_ref) if masked else None
+        k = _clean(k_ref[0], kp_col_ref) if masked else k_ref[0]
+        v = _clean(v_ref[0], kp_col_ref) if masked else v_ref[0]
         for g in range(cfg.groups):
             _, ds = _probs_and_dscore(
                 _head(q_ref, g, h), k, v, _head(do_ref, g, h), lse_ref[0, g], delta_ref[0, g], mask, cfg
@@ -306,13 +329,9 @@ def _dq_kernel(
             dq_ref[0, :, g * h : (g + 1) * h] = (dq_sc[g] * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(
-    i_first, i_last, q_lo, q_hi, k_lo, k_hi,
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, qe_ref, kp_row_ref, kp_col_ref,
-    dk_ref, dv_ref,
-    dk_sc, dv_sc,
-    *, cfg: _Config, nq: int, nk: int,
-):
+def _dkv_kernel(i_first, i_last, *refs, cfg: _Config, nq: int, nk: int):
+    tables, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, qe_ref, kp_row_ref, kp_col_ref, dk_ref, dv_ref,
+             dk_sc, dv_sc) = refs[: len(TABLES)], refs[len(TABLES) :]
     b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     krow = b * nk + j
     qblk = _walk(i_first, i_last, krow, i)
@@ -323,11 +342,11 @@ def _dkv_kernel(
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-    @pl.when(_visits(i_first, i_last, krow, i) & _meets(q_lo, q_hi, k_lo, k_hi, b * nq + qblk, krow))
-    def _step():
-        mask = _interval_mask(qs_ref, qe_ref, kp_row_ref)
-        k = _clean(k_ref[0], kp_col_ref)
-        v = _clean(v_ref[0], kp_col_ref)
+    @_when_visited(tables, _visits(i_first, i_last, krow, i), b * nq + qblk, krow)
+    def _step(masked: bool):
+        mask = _interval_mask(qs_ref, qe_ref, kp_row_ref) if masked else None
+        k = _clean(k_ref[0], kp_col_ref) if masked else k_ref[0]
+        v = _clean(v_ref[0], kp_col_ref) if masked else v_ref[0]
         for g in range(cfg.groups):  # the G query heads of this kv head all add into dk, dv
             q, do = _head(q_ref, g, h), _head(do_ref, g, h)
             p, ds = _probs_and_dscore(q, k, v, do, lse_ref[0, g], delta_ref[0, g], mask, cfg)
@@ -360,7 +379,7 @@ def _backward(q, k, v, o, lse, do, k_start, k_end, k_pos, cfg: _Config):
         return pl.pallas_call(
             functools.partial(kernel, cfg=cfg, nq=nq, nk=nk),
             grid_spec=pltpu.PrefetchScalarGridSpec(
-                num_scalar_prefetch=6,
+                num_scalar_prefetch=2 + len(TABLES),
                 grid=grid,
                 in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
                           qint_spec, qint_spec, kp_row_spec, kp_col_spec],
@@ -371,7 +390,7 @@ def _backward(q, k, v, o, lse, do, k_start, k_end, k_pos, cfg: _Config):
             interpret=cfg.interpret,
             name=kernel.__name__.strip("_"),
             compiler_params=_compiler_params(),
-        )(tab[first], tab[last], tab["q_lo"], tab["q_hi"], tab["k_lo"], tab["k_hi"], *operands)
+        )(tab[first], tab[last], *(tab[name] for name in TABLES), *operands)
 
     dq = run(
         _dq_kernel, True, "j_first", "j_last",

@@ -129,6 +129,31 @@ def test_forward_masks_f32(mask):
     np.testing.assert_allclose(out, ref, atol=ATOL[jnp.float32], rtol=0)
 
 
+@pytest.mark.parametrize("s,window", [(320, 255), (320, 320), (414, 1000)])
+def test_forward_whole_blocks_at_their_edges_f32(s, window):
+    """T = 320 queries at the last positions of S keys, bq = 32, bk = 128: each case puts a key block one
+    key past a query block's whole range, where it must keep its mask. S = T, W = 255: query block 7
+    (rows 224..255) starts its rows at keys 1..32, one short of key block 0. S = T, causal: blocks below the
+    diagonal are whole. S = 414, causal: query block 1 (positions 126..157) ends its first row at key 126,
+    one short of key block 0's last key."""
+    t = 320
+    start, end, k_pos = _i32(*_window(1, t, s, window))
+    q, k, v = _qkv(3, 1, t, s, 4, 2, 128, jnp.float32)
+    tables = flash_tpu.block_tables(*_i32(*_padded(start, end, k_pos, t, -(-s // 128) * 128)), 32, 128)
+    whole = (tables["in_lo"][:, None] <= tables["all_lo"][None]) & (tables["all_hi"][None] <= tables["in_hi"][:, None])
+    assert int(whole.sum()) >= 3  # the unmasked path runs
+    out = _kernel_fn(0.1, None, 32, 128)(q, k, v, start, end, k_pos=k_pos)
+    ref = _reference_fn(0.1, None)(q, k, v, start, end, k_pos=k_pos)
+    np.testing.assert_allclose(out, ref, atol=ATOL[jnp.float32], rtol=0)
+
+
+def _padded(start, end, k_pos, t, s_pad):
+    """The kernel's own padding of keys to s_pad slots (empty) and queries to whole 32-row blocks."""
+    t_pad = -(-t // 32) * 32
+    pad = lambda x, n, v: np.pad(np.asarray(x), ((0, 0), (0, n - x.shape[1])), constant_values=v)
+    return pad(start, t_pad, 0), pad(end, t_pad, -1), pad(k_pos, s_pad, EMPTY)
+
+
 def test_forward_ragged_padding_f32():
     """Per-row lengths (padding): row 0 holds 260 tokens, row 1 holds 230, so all of its queries
     (positions 230..299) are padding. Padded queries give exact zeros."""
@@ -249,6 +274,20 @@ def test_gradients_f32(softcap):
         np.testing.assert_allclose(g, w, atol=ATOL[jnp.float32] * 4, rtol=0, err_msg=f"d{name}")
     empty = np.asarray(k_pos[0] <= EMPTY)
     assert not np.any(np.asarray(got[1])[0, empty]) and not np.any(np.asarray(got[2])[0, empty])
+
+
+def test_gradients_with_whole_blocks_f32():
+    """The unmasked (whole-block) path of the dq and dk/dv kernels: the W = 255 self-attention case of
+    test_forward_whole_blocks_at_their_edges_f32, gradients vs jax.grad of the reference."""
+    t = 320
+    start, end, k_pos = _i32(*_window(1, t, t, 255))
+    q, k, v = _qkv(4, 1, t, t, 4, 2, 128, jnp.float32)
+    ct = jax.random.normal(jax.random.PRNGKey(2), q.shape, jnp.float32)
+    loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v, start, end, k_pos=k_pos) * ct))
+    got = jax.jit(jax.grad(loss(_kernel_fn(0.1, None, 32, 128)), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(_reference_fn(0.1, None)), argnums=(0, 1, 2))(q, k, v)
+    for name, g, w in zip("qkv", got, want):
+        np.testing.assert_allclose(g, w, atol=ATOL[jnp.float32] * 4, rtol=0, err_msg=f"d{name}")
 
 
 # ----------------------------------------------------------------------------- TPU lowering at production shapes
