@@ -52,6 +52,16 @@ def inside(k_start: jax.Array, k_end: jax.Array, k_pos: jax.Array, block_q: int,
     return (in_lo[:, :, None] <= all_lo[:, None, :]) & (all_hi[:, None, :] <= in_hi[:, :, None])
 
 
+def split(first, last, in_first, in_last):
+    """A loop over blocks [first, last] whose blocks [in_first, in_last] need no mask, as the three
+    ranges (first, a, b, end): masked [first, a), unmasked [a, b), masked [b, end). Works on arrays
+    (XLA) and on scalars inside a kernel alike; an empty inside range (in_first > in_last) leaves the
+    whole loop masked."""
+    end = last + 1
+    has = in_first <= in_last
+    return first, jnp.where(has, in_first, end), jnp.where(has, in_last + 1, end), end
+
+
 def first_last(mask: jax.Array, axis: int, none: tuple[int, int] = (0, -1)) -> tuple[jax.Array, jax.Array]:
     """First and last True index of bool `mask` along `axis` (int32); `none` where there is none."""
     n = mask.shape[axis]

@@ -137,10 +137,7 @@ def _own_loops(meta_ref, idx, general_pos: bool):
     lo, hi, first, last, in_first, in_last = (meta_ref[r, idx] for r in range(6))
     if general_pos:
         return lo, hi, (first, last + 1, last + 1, last + 1)
-    has = in_first <= in_last
-    a = jnp.where(has, in_first, last + 1)
-    b = jnp.where(has, in_last + 1, last + 1)
-    return lo, hi, (first, a, b, last + 1)
+    return lo, hi, blocks.split(first, last, in_first, in_last)
 
 
 def _loops(masked, unmasked, bounds, carry):

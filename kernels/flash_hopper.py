@@ -78,11 +78,7 @@ def tile_meta(k_start, k_end, k_pos, tile: int, block_k: int) -> jax.Array:
     *_, meets = blocks.hulls(k_start, k_end, k_pos, tile, block_k)
     first, last = blocks.first_last(meets, axis=2)
     in_first, in_last = blocks.first_last(blocks.inside(k_start, k_end, k_pos, tile, block_k), axis=2)
-    end = last + 1
-    has = in_first <= in_last
-    a = jnp.where(has, in_first, end)
-    b = jnp.where(has, in_last + 1, end)
-    return jnp.stack([first, a, b, end], axis=1).astype(jnp.int32)
+    return jnp.stack(blocks.split(first, last, in_first, in_last), axis=1).astype(jnp.int32)
 
 
 def _load_row(ref, i, layout):
