@@ -104,22 +104,16 @@ def _meets(q_lo_ref, q_hi_ref, k_lo_ref, k_hi_ref, qrow, krow):
     return (k_lo_ref[krow] <= q_hi_ref[qrow]) & (k_hi_ref[krow] >= q_lo_ref[qrow])
 
 
-def _masked_and_whole(tables, visit, qrow, krow):
-    """(masked, whole): a visited block needs the per-element test, or every row sees it whole
-    (no mask, no cleaning: it has no empty slot)."""
+def _when_visited(tables, visit, qrow, krow):
+    """Decorator: runs step(masked=True) on a visited block that meets the query block, or
+    step(masked=False) where every row sees it whole (no mask, no cleaning: it has no empty slot)."""
     q_lo, q_hi, k_lo, k_hi, in_lo, in_hi, all_lo, all_hi = tables
     visit = visit & _meets(q_lo, q_hi, k_lo, k_hi, qrow, krow)
     whole = (in_lo[qrow] <= all_lo[krow]) & (all_hi[krow] <= in_hi[qrow])
-    return visit & ~whole, visit & whole
-
-
-def _when_visited(tables, visit, qrow, krow):
-    """Decorator: runs step(masked: bool) under the matching condition of `_masked_and_whole`."""
-    masked, whole = _masked_and_whole(tables, visit, qrow, krow)
 
     def run(step):
-        pl.when(masked)(functools.partial(step, True))
-        pl.when(whole)(functools.partial(step, False))
+        pl.when(visit & ~whole)(functools.partial(step, True))
+        pl.when(visit & whole)(functools.partial(step, False))
 
     return run
 
