@@ -224,24 +224,28 @@ def prefill(smoke: bool, bw: float, rate: float):
                     say(f"{name:28s} {impl:17s} skipped (its T x T scores exceed memory)")
                     continue
                 f = jax.jit(functools.partial(_prefill_fn, impl=impl, ks=ks, ke=ke, window=window))
-                fb = jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v).astype(jnp.float32) * dout),
-                                      argnums=(0, 1, 2)))
-                try:
-                    tf = bench(f, q, k, v)
-                    try:
-                        if impl == "pallas_gpu persistent":
-                            raise NotImplementedError("forward only")
-                        tb = bench(fb, q, k, v, reps=5)
-                        tbs = f"{tb * 1e3:9.2f} ms"
-                    except Exception as e:  # noqa: BLE001
-                        tb, tbs = float("nan"), f"bwd failed: {type(e).__name__}"
-                    say(f"{name:28s} {impl:17s} fwd {tf * 1e3:8.2f} ms  fwd+bwd {tbs}  "
-                        f"fwd floor {floor * 1e3:.3f} ms ({flops / tf / 1e12:.0f} TFLOP/s)")
-                    ROWS.append(f"| {name} | {impl} | {tf * 1e3:.2f} | {tbs.replace(' ms', '')} | "
-                                f"{floor * 1e3:.3f} | {flops / tf / 1e12:.0f} |")
-                except Exception as e:  # noqa: BLE001
-                    say(f"{name:28s} {impl:17s} FAILED {type(e).__name__}: {e}"[:400])
-                    ROWS.append(f"| {name} | {impl} | failed | | {floor * 1e3:.3f} | |")
+                fb = None if impl == "pallas_gpu persistent" else jax.jit(jax.grad(  # persistent: forward only
+                    lambda q, k, v, f=f: jnp.sum(f(q, k, v).astype(jnp.float32) * dout), argnums=(0, 1, 2)))
+                time_row(name, impl, f, fb, (q, k, v), flops, floor)
+
+
+def time_row(name: str, impl: str, f, fb, args, flops: float, floor: float, reps: int = 10) -> None:
+    """Times forward f (and forward+backward fb unless None) on args; prints a line and adds a table row."""
+    try:
+        tf = bench(f, *args, reps=reps)
+        tbs = "(forward only)"
+        if fb is not None:
+            try:
+                tbs = f"{bench(fb, *args, reps=5) * 1e3:9.2f} ms"
+            except Exception as e:  # noqa: BLE001
+                tbs = f"bwd failed: {type(e).__name__}"
+        say(f"{name:28s} {impl:17s} fwd {tf * 1e3:8.3f} ms  fwd+bwd {tbs}  "
+            f"fwd floor {floor * 1e3:.3f} ms ({flops / tf / 1e12:.0f} TFLOP/s)")
+        ROWS.append(f"| {name} | {impl} | {tf * 1e3:.3f} | {tbs.replace(' ms', '')} | "
+                    f"{floor * 1e3:.3f} | {flops / tf / 1e12:.0f} |")
+    except Exception as e:  # noqa: BLE001
+        say(f"{name:28s} {impl:17s} FAILED {type(e).__name__}: {e}"[:400])
+        ROWS.append(f"| {name} | {impl} | failed | | {floor * 1e3:.3f} | |")
 
 
 SWEEP = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 2), (128, 128, 8, 2),
@@ -260,14 +264,8 @@ def sweep(smoke: bool, rate: float):
         f = jax.jit(lambda q, k, v: flash_gpu.attention(q, k, v, ks, ke, scale=h ** -0.5, block_q=bq, block_k=bk,
                                                         num_warps=warps, num_stages=stages,
                                                         interpret=jax.default_backend() == "cpu"))
-        try:
-            tf = bench(f, q, k, v, reps=5)
-            say(f"sweep T={t} local W={w} bq={bq} bk={bk} warps={warps} stages={stages}: fwd {tf * 1e3:.3f} ms "
-                f"({flops / tf / 1e12:.0f} TFLOP/s)")
-            ROWS.append(f"| sweep T={t} local W={w} | pallas_gpu {bq}x{bk} w{warps} s{stages} | {tf * 1e3:.3f} | | "
-                        f"{flops / rate * 1e3:.3f} | {flops / tf / 1e12:.0f} |")
-        except Exception as e:  # noqa: BLE001
-            say(f"sweep bq={bq} bk={bk} warps={warps} stages={stages}: FAILED {type(e).__name__}: {e}"[:300])
+        time_row(f"sweep T={t} local W={w}", f"pallas_gpu {bq}x{bk} w{warps} s{stages}", f, None, (q, k, v), flops,
+                 flops / rate, reps=5)
 
 
 def decode(smoke: bool, bw: float):
