@@ -6,7 +6,8 @@ GPU and keeps its Triton kernels for the rest and for the backward, which reads 
 logsumexp (same layout and units: [B, N, T] f32, log2, scale folded in).
 
 A work item is a tile of 2 * bq query rows of one q head; a CTA serves one item (or, persistent, every
-`ctas`-th), with three warpgroups:
+`ctas`-th: then each warpgroup loads the next item's Q once its last S = Q K^T is done, and O leaves
+through a buffer of its own that the two warpgroups take in turns), with three warpgroups:
   two compute warpgroups, bq rows each: S = Q K^T and O += P V on the tensor cores (wgmma), the
     online softmax in registers; they take turns on the tensor cores (a shared schedule barrier);
   one producer warpgroup: streams the tile's K and V blocks by TMA into a ring of `stages` slots
@@ -47,6 +48,7 @@ class _Config:
     scale: float
     groups: int  # q heads per kv head
     ctas: int  # CTAs launched; each serves work items cta, cta + ctas, ... of B * N * T / TILE
+    persistent: bool  # ctas < items: Q of the next item streams in while the current one ends
     block_q: int = BLOCK_Q
     block_k: int = BLOCK_K
     stages: int = STAGES
@@ -92,9 +94,11 @@ def _load_row(ref, i, layout):
 def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, cfg: _Config):
     cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
-    (qo_smem2, k_smem, v_smem, ks_smem2, ke_smem2, lse_smem2, *p_smem2), loaded, released, schedule = scoped
-    p_smem2 = p_smem2[0] if p_smem2 else None  # P staged in SMEM: interpret mode only
-    k_loaded, v_loaded, q_loaded, ks_loaded, ke_loaded = loaded
+    (q_smem2, k_smem, v_smem, rows_smem, lse_smem2, *extra), loaded, released, schedule = scoped
+    o_shared = extra.pop(0) if cfg.persistent else None  # O out (persistent: Q's buffer takes the next Q)
+    p_smem2 = extra.pop(0) if cfg.interpret else None  # P staged in SMEM: interpret mode only
+    k_loaded, v_loaded, q_loaded, ks_loaded, ke_loaded, *o_free = loaded
+    o_free = o_free[0] if o_free else None  # persistent: o_free[w], warpgroup w may write the O buffer
     k_released, v_released = released
     bq, bk, stages = cfg.block_q, cfg.block_k, cfg.stages
     batch, heads, tiles = meta_ref.shape[0], q_ref.shape[2], meta_ref.shape[2]
@@ -120,21 +124,38 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scope
     @pl.when(wg < 2)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-        qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+        q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
+        o_smem = o_shared if cfg.persistent else q_smem  # one item per CTA: O leaves through Q's buffer
         row = plgpu.Layout.WGMMA.reduce(1)
+
+        def fetch(j):
+            """Issues the loads of item j's Q rows and their intervals (this warpgroup's bq rows)."""
+            b, n, tile, *_ = item(j)
+            row0 = tile * (2 * bq) + wg * bq
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), n], q_smem, q_loaded.at[wg])
+            plgpu.copy_gmem_to_smem(ks_ref.at[b, pl.ds(row0, bq)], rows_smem.at[wg, 0], ks_loaded.at[wg])
+            plgpu.copy_gmem_to_smem(ke_ref.at[b, pl.ds(row0, bq)], rows_smem.at[wg, 1], ke_loaded.at[wg])
 
         def one_item(j, g0):
             """Computes item j; g0 counts the K/V blocks this CTA consumed before it (ring slot = g % stages)."""
             b, n, tile, first, a, b_, end = item(j)
             steps = end - first
             row0 = tile * (2 * bq) + wg * bq
-            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), n], qo_smem, q_loaded.at[wg])
-            plgpu.copy_gmem_to_smem(ks_ref.at[b, pl.ds(row0, bq)], ks_smem2.at[wg], ks_loaded.at[wg])
-            plgpu.copy_gmem_to_smem(ke_ref.at[b, pl.ds(row0, bq)], ke_smem2.at[wg], ke_loaded.at[wg])
+            if not cfg.persistent:
+                fetch(j)
+
+            def prefetch_next():  # persistent: Q and the intervals are read, so item j + 1's may land
+                @pl.when(j + 1 < my_items)
+                def _():
+                    plgpu.commit_smem()  # every thread of the warpgroup is past its reads of Q and the rows
+                    fetch(j + 1)
+
             plgpu.barrier_wait(ks_loaded.at[wg])
             plgpu.barrier_wait(ke_loaded.at[wg])
-            k_start, k_end = _load_row(ks_smem2, wg, row), _load_row(ke_smem2, wg, row)
+            k_start, k_end = _load_row(rows_smem.at[wg], 0, row), _load_row(rows_smem.at[wg], 1, row)
             plgpu.barrier_wait(q_loaded.at[wg])
+            if cfg.persistent:
+                pl.when(steps == 0)(prefetch_next)
 
             acc = plgpu.layout_cast(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
             m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row)
@@ -151,12 +172,14 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scope
                 slot = slot_of(g0 + i)
 
                 def qk(s_ref):
-                    plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
                     take_turn()
                     return s_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
                 plgpu.barrier_arrive(k_released.at[slot])
+                if cfg.persistent:
+                    pl.when(i == steps - 1)(prefetch_next)  # the next Q streams in under this P V and the epilogue
                 s = s * (cfg.scale * _LOG2E)  # logits in log2 units
                 if masked:
                     pos = (first + i) * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
@@ -206,15 +229,26 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scope
 
             empty = l == 0.0
             l_safe = jnp.where(empty, 1.0, l)
-            qo_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+            out = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+            if cfg.persistent:  # the warpgroups take turns on the one O buffer: 0, 1, 0, 1, ...
+                pl.when((wg == 1) | (j > 0))(lambda: plgpu.barrier_wait(o_free.at[wg]))
+            o_smem[...] = out
             lse_smem[...] = jnp.where(empty, 0.0, m + jnp.log2(l_safe))
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(row0, bq), n])
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(row0, bq), n])
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, n, pl.ds(row0, bq)])
-            plgpu.wait_smem_to_gmem(0)  # Q of the next item lands in the same buffer
+            if cfg.persistent:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the buffers are read: the other may write
+                plgpu.barrier_arrive(o_free.at[1 - wg])
+            else:
+                plgpu.wait_smem_to_gmem(0)
             return g0 + steps
 
+        if cfg.persistent:
+            fetch(0)
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
+        if cfg.persistent:
+            plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
     def _produce():
@@ -244,27 +278,30 @@ def forward(q, k, v, k_start, k_end, *, scale: float, ctas: int | None = None, i
     (o [B, T, N, H], lse [B, N, T] f32 in log2 units; 0 for rows that see nothing).
 
     ctas: CTAs to launch. Default: one per work item (a query tile of one head). Fewer makes the
-    kernel persistent: a CTA serves several items and its producer streams the next item's K/V
-    while the compute warpgroups finish the current one (the number of SMs is the natural choice).
+    kernel persistent: a CTA serves several items, its producer streams the next item's K/V and
+    its compute warpgroups the next Q while they finish the current one (the number of SMs is the
+    natural choice). interpret: run in Mosaic GPU interpret mode, with its race detector on.
     """
     bsz, t, n, h = q.shape
     if t % TILE:
         raise ValueError(f"flash_hopper.forward needs T a multiple of {TILE}; got {t}")
     items = bsz * n * (t // TILE)
-    cfg = _Config(scale=float(scale), groups=n // k.shape[2], ctas=min(ctas or items, items), interpret=interpret)
+    ctas = min(ctas or items, items)
+    cfg = _Config(scale=float(scale), groups=n // k.shape[2], ctas=ctas, persistent=ctas < items, interpret=interpret)
     k_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (bsz, t))
     meta = tile_meta(k_start, k_end, k_pos, TILE, cfg.block_k)
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
     def entry(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
         smem = (
-            plgpu.SMEM((2, cfg.block_q, h), q.dtype, transforms=tiled),  # Q in, O out
+            plgpu.SMEM((2, cfg.block_q, h), q.dtype, transforms=tiled),  # Q in (one item per CTA: O out too)
             plgpu.SMEM((cfg.stages, cfg.block_k, h), k.dtype, transforms=tiled),
             plgpu.SMEM((cfg.stages, cfg.block_k, h), v.dtype, transforms=tiled),
-            plgpu.SMEM((2, cfg.block_q), jnp.int32),
-            plgpu.SMEM((2, cfg.block_q), jnp.int32),
+            plgpu.SMEM((2, 2, cfg.block_q), jnp.int32),  # per warpgroup its rows' k_start, k_end
             plgpu.SMEM((2, cfg.block_q), jnp.float32),
         )
+        if cfg.persistent:  # H = 256: 64 KB Q + 32 KB O + 128 KB K/V ring, within the 227 KB of SMEM
+            smem += (plgpu.SMEM((cfg.block_q, h), q.dtype, transforms=tiled),)
         if interpret:
             smem += (plgpu.SMEM((2, cfg.block_q, cfg.block_k), q.dtype, transforms=tiled),)
         loaded = (
@@ -273,7 +310,7 @@ def forward(q, k, v, k_start, k_end, *, scale: float, ctas: int | None = None, i
             plgpu.Barrier(num_barriers=2),  # Q, per compute warpgroup
             plgpu.Barrier(num_barriers=2),  # k_start rows
             plgpu.Barrier(num_barriers=2),  # k_end rows
-        )
+        ) + ((plgpu.Barrier(num_barriers=2),) if cfg.persistent else ())  # O buffer free for warpgroup w
         released = (plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages),) * 2  # K, V slot free again
         pl.run_scoped(
             lambda *scoped: _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, cfg=cfg),
@@ -291,7 +328,8 @@ def forward(q, k, v, k_start, k_end, *, scale: float, ctas: int | None = None, i
         grid_names=("cta",),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        **({"interpret": _InterpretParams()} if interpret else {}),
+        # the row reductions stay within warps: no SMEM scratch for cross-warp ones (2 KB more for Q and O)
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+        **({"interpret": _InterpretParams(detect_races=True)} if interpret else {}),  # raises on a race
     )
     return call(meta, k_start, k_end, q, k, v)

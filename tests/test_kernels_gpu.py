@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import flash_gpu, reference
+from kernels import flash_gpu, flash_hopper, reference
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
@@ -290,6 +290,22 @@ def test_lowers_for_cuda_at_production_shapes(t, window, mosaic):
     assert bwd_hlo.count("__gpu$xla.gpu.triton") == (2 if mosaic else 3)  # forward, dq, dk/dv
     assert fwd_hlo.count("@mosaic_gpu") == bwd_hlo.count("@mosaic_gpu") == (1 if mosaic else 0)
     assert f"{t}x{t}" not in fwd_hlo + bwd_hlo, "a T x S array was materialized"
+
+
+def test_persistent_hopper_forward_lowers_within_shared_memory():
+    """The persistent Hopper forward (one CTA per SM of an H200) at H = 256 keeps a second O buffer
+    beside Q and the K/V ring: 224 KB. Mosaic GPU checks the 227 KB bound while lowering."""
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        pytest.skip("this jax has no jax.sharding.AbstractDevice to lower for an absent GPU")
+    b, t, n, kv_heads, h = 1, 32768, 8, 4, 256
+    sds = jax.ShapeDtypeStruct
+    q, kv, rows = sds((b, t, n, h), jnp.bfloat16), sds((b, t, kv_heads, h), jnp.bfloat16), sds((b, t), jnp.int32)
+    fwd = functools.partial(flash_hopper.forward, scale=h**-0.5, ctas=132)
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        hlo = jax.jit(fwd).trace(q, kv, kv, rows, rows).lower(lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("@mosaic_gpu") == 1
 
 
 def test_default_block_fits_the_f32_backward():

@@ -67,6 +67,7 @@ CASES = {  # b, t, (q heads, kv heads), h, window, left padding per row, dtype, 
     "head_dim_256_odd_window": (1, 128, (2, 1), 256, 37, [3], jnp.bfloat16, None),
     # persistent: 3 CTAs over 12 items of unequal length, one with no key block, the K/V ring running on
     "persistent_3_ctas": (2, 384, (2, 1), 64, 100, [0, 200], jnp.bfloat16, 3),
+    "persistent_head_dim_256": (1, 512, (2, 1), 256, 150, [0], jnp.bfloat16, 3),  # the SMEM-full shape
 }
 
 
