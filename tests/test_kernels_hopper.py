@@ -127,16 +127,26 @@ def test_serves_only_the_prefill_shape():
 
 
 def test_tile_meta_splits_the_band():
-    """At T = 512, W = 100, 128-row tiles and 64-key blocks: tile i sees keys [128 i - 99, 128 i + 127];
-    the blocks inside every row's interval are those within [128 i + 127 - 99, 128 i]."""
+    """T = 512, W = 100, 64-row warpgroups, 64-key blocks: rows [64 h, 64 h + 63] see keys
+    [64 h - 99, 64 h + 63], blocks max(h - 2, 0) .. h (h - 1 from h = 2 on: 64 h - 99 >= 64 (h - 2) + 29);
+    a 128-row tile streams the union of its two warpgroups' hulls."""
     t, w = 512, 100
     pos = jnp.arange(t, dtype=jnp.int32)[None]
-    meta = np.asarray(flash_hopper.tile_meta(jnp.maximum(pos - w + 1, 0), pos, pos, 128, 64))[0]
-    first, a, b, end = meta
-    np.testing.assert_array_equal(first, [0, 0, 2, 4])
-    np.testing.assert_array_equal(end, [2, 4, 6, 8])
-    # tile 1 rows 128..255 all see keys [156, 128]: empty, so no unmasked block; tile 2 likewise
-    np.testing.assert_array_equal(a, b)
-    wide = np.asarray(flash_hopper.tile_meta(jnp.maximum(pos - 400 + 1, 0), pos, pos, 128, 64))[0]
-    # W = 400, tile 3 (rows 384..511): every row sees [112, 384] -> blocks 2..5 (keys 128..383) unmasked
-    assert tuple(wide[:, 3]) == (0, 2, 6, 8)
+    lo, hi, *own = np.asarray(flash_hopper.tile_meta(jnp.maximum(pos - w + 1, 0), pos, pos, 64, 64))[0]
+    np.testing.assert_array_equal(lo, [0, 0, 2, 4])
+    np.testing.assert_array_equal(hi, [2, 4, 6, 8])
+    (first0, a0, b0, end0), (first1, a1, b1, end1) = own[:4], own[4:]
+    np.testing.assert_array_equal(first0, [0, 0, 2, 4])
+    np.testing.assert_array_equal(end0, [1, 3, 5, 7])  # the upper warpgroup's last block is idle here
+    np.testing.assert_array_equal(first1, [0, 1, 3, 5])  # and the lower one's first block there
+    np.testing.assert_array_equal(end1, [2, 4, 6, 8])
+    # every row of a warpgroup sees at most [64 h + 63 - 99, 64 h]: 36 keys, no whole block
+    np.testing.assert_array_equal(a0, end0), np.testing.assert_array_equal(b0, end0)
+    np.testing.assert_array_equal(a1, end1), np.testing.assert_array_equal(b1, end1)
+    wide = np.asarray(flash_hopper.tile_meta(jnp.maximum(pos - 400 + 1, 0), pos, pos, 64, 64))[0]
+    # W = 400, rows 384..447 all see [48, 384]: blocks 1..5 whole; rows 448..511 [112, 448]: blocks 2..6
+    assert tuple(wide[:, 3]) == (0, 8, 0, 1, 6, 7, 0, 2, 7, 8)
+    # padding rows 0..99: the tile of rows 0..127 has an idle upper warpgroup, [lo, lo)
+    ks, ke = jnp.maximum(pos - w + 1, 100), jnp.where(pos < 100, -1, pos)
+    padded = np.asarray(flash_hopper.tile_meta(ks, ke, pos, 64, 64))[0]
+    assert tuple(padded[:, 0]) == (1, 2, 1, 1, 1, 1, 1, 2, 2, 2)
