@@ -9,8 +9,9 @@ each query may see. Implementations:
   pallas_gpu  flash attention in Pallas/Triton for GPU, forward and backward; on a Hopper GPU the
               bf16/f16 self-attention forward runs in Pallas Mosaic GPU (kernels.flash_hopper:
               wgmma + TMA); decode steps (T == 1) go to the split-K decode kernel (kernels.decode)
-  splash      jax's TPU splash attention (band masks only)
-  cudnn       jax.nn.dot_product_attention through cuDNN (band masks only)
+  splash      jax's TPU splash attention (band masks; other intervals take pallas_tpu at run time)
+  cudnn       jax.nn.dot_product_attention through cuDNN (band masks without padding; other
+              intervals take pallas_gpu at run time)
   auto        pallas_tpu on TPU, pallas_gpu on GPU, xla on CPU
 
 On a CPU backend the Pallas implementations run in interpret mode.
@@ -58,7 +59,9 @@ def attention(
     (S == T, no k_pos): every query t only sees keys in [t - window + 1, t + lookahead]
     (lookahead 0: causal). They let the band paths run: the banded XLA
     fallback, and splash / cudnn, which serve only the plain causal/window mask
-    (lookahead must be 0; padding rows are those with an empty interval).
+    (lookahead must be 0; padding rows are those with an empty interval). Under splash / cudnn,
+    intervals that turn out at run time not to be that band (packed segments, another window) take
+    the flash kernel instead, so the result is always the intervals' attention.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects q [B,T,N,H] and k, v [B,S,K,H]; got {q.shape}, {k.shape}, {v.shape}")

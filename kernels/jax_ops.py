@@ -1,10 +1,12 @@
 """jax's own attention kernels behind our interval contract: TPU splash attention and cuDNN.
 
 Both take static masks, so they serve only the band case: self-attention
-(S == T, keys at positions 0..T-1) where query t sees [max(first real, t - W + 1), t]
-(causal, optional window W). Rows with an empty interval are padding. Neither
-can express per-image bidirectional blocks or packed segments; the dispatcher
-never sends those here.
+(S == T, keys at positions 0..T-1) where query t sees the real keys of [t - W + 1, t]
+(causal, optional window W). Rows with an empty interval are padding (splash only;
+cuDNN takes none). The dispatcher refuses what is statically outside that (cache
+positions, lookahead); intervals that are not the band at run time (packed segments,
+a window other than the hint) take our flash kernel instead, under lax.cond: the
+result is always that of the intervals.
 """
 
 from __future__ import annotations
@@ -20,6 +22,26 @@ from kernels.blocks import round_up
 def _valid_rows(k_start: jax.Array, k_end: jax.Array) -> jax.Array:
     """bool [B, T]: rows with a non-empty interval (real tokens)."""
     return k_start <= k_end
+
+
+def is_band(k_start: jax.Array, k_end: jax.Array, window: int | None, padding: bool) -> jax.Array:
+    """bool scalar: every real row t sees exactly the real keys of [t - W + 1, t] (W None: [0, t]),
+    the rows with an empty interval being padding (the real ones) when `padding`, else none. O(T)."""
+    t = k_start.shape[1]
+    pos = jnp.arange(t, dtype=jnp.int32)
+    valid = _valid_rows(k_start, k_end)
+    lower = jnp.zeros_like(pos) if window is None else jnp.maximum(pos - window + 1, 0)
+    start = jnp.maximum(k_start, 0)
+    counts = lambda x: jnp.pad(jnp.cumsum(x, axis=1, dtype=jnp.int32), ((0, 0), (1, 0)))  # [B, T + 1]: in [0, i)
+    before = lambda c, i: jnp.take_along_axis(c, jnp.broadcast_to(i, k_start.shape), axis=1)
+    real, fake = counts(valid), counts(~valid)
+    band = (
+        (k_end == pos)
+        & (start >= lower)  # nothing left of the band
+        & (before(fake, pos + 1) == before(fake, start))  # no padding key inside the interval
+        & (before(real, start) == before(real, lower))  # no real key of the band left out
+    )
+    return jnp.all(band | ~valid) & (padding | jnp.all(valid))
 
 
 @functools.lru_cache(maxsize=64)
@@ -39,9 +61,22 @@ def _splash_kernel(t: int, group: int, window: int | None, softcap: float | None
 def splash(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array, k_end: jax.Array, *, scale: float,
            softcap: float | None, window: int | None, interpret: bool = False) -> jax.Array:
     """jax's splash attention (TPU), one MQA kernel per kv head; padding through segment ids.
+    Intervals that are not the band (`is_band`) take kernels.flash_tpu instead.
 
     q [B, T, N, H], k/v [B, T, K, H] -> [B, T, N, H]; padding rows give zeros.
     """
+    from kernels import flash_tpu
+
+    def exact(q, k, v):
+        return flash_tpu.attention(q, k, v, k_start, k_end, scale=scale, softcap=softcap, interpret=interpret)
+
+    def fused(q, k, v):
+        return _splash(q, k, v, k_start, k_end, scale=scale, softcap=softcap, window=window, interpret=interpret)
+
+    return jax.lax.cond(is_band(k_start, k_end, window, padding=True), fused, exact, q, k, v)
+
+
+def _splash(q, k, v, k_start, k_end, *, scale, softcap, window, interpret):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     b, t, n, h = q.shape
@@ -72,12 +107,12 @@ def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array, k_end: j
     (its XLA implementation when `interpret`, i.e. on CPU).
 
     cuDNN has no cheap form of left padding (a bias or mask would be
-    materialized at [B, N, T, S]), so a batch holding padding rows takes our
-    flash kernel instead (lax.cond: only one branch runs; both stay O(T) in memory).
+    materialized at [B, N, T, S]), so a batch holding padding rows, or intervals
+    that are not the band (`is_band`), takes our flash kernel instead (lax.cond:
+    only one branch runs; both stay O(T) in memory).
     """
     from kernels import flash_gpu
 
-    valid = _valid_rows(k_start, k_end)
     local = None if window is None else (window - 1, 0)
 
     def fused(q, k, v):
@@ -88,4 +123,4 @@ def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array, k_end: j
     def exact(q, k, v):
         return flash_gpu.attention(q, k, v, k_start, k_end, scale=scale, interpret=interpret)
 
-    return jax.lax.cond(jnp.all(valid), fused, exact, q, k, v)
+    return jax.lax.cond(is_band(k_start, k_end, window, padding=False), fused, exact, q, k, v)

@@ -120,6 +120,69 @@ def test_band_only_impls_refuse_what_they_cannot_express():
         kernels.attention(q, k, k, pos * 0, pos, k_pos=pos, window=4)
 
 
+def _band_by_definition(k_start, k_end, window, padding):
+    """is_band from its definition: the [T, S] visibility of the intervals equals the band's."""
+    t = k_start.shape[1]
+    pos = np.arange(t)
+    valid = k_start <= k_end
+    lower = np.zeros(t, int) if window is None else np.maximum(pos - window + 1, 0)
+    seen = (pos[None, None] >= k_start[..., None]) & (pos[None, None] <= k_end[..., None])
+    band = valid[:, :, None] & valid[:, None, :] & (pos[None, None] >= lower[None, :, None]) & (
+        pos[None, None] <= pos[None, :, None])
+    return bool(np.all(seen == band)) and (padding or bool(valid.all()))
+
+
+def test_is_band_matches_its_definition():
+    """jax_ops.is_band decides whether splash / cuDNN compute the intervals: band cases (left, middle
+    and right padding, windows, causal) and non-band ones (packed segments, a window other than the
+    hint, a row seeing a padding key) against the [T, S] definition; then random intervals."""
+    from kernels import jax_ops
+    t, w = 24, 5
+    pos = np.arange(t)[None]
+    band = np.maximum(pos - w + 1, 0), pos.copy()
+    pad = np.array([[1] * 3 + [0] * 18 + [1] * 3]).astype(bool)  # padding rows at both ends
+    padded = (np.where(pad, 1, np.maximum(pos - w + 1, 3)), np.where(pad, 0, pos))
+    packed = (np.where(pos < 10, np.maximum(pos - w + 1, 0), np.maximum(pos - w + 1, 10)), pos.copy())
+    narrow = np.maximum(pos - 3 + 1, 0), pos.copy()
+    middle = np.where(pos == 12, 1, np.maximum(pos - w + 1, 0)), np.where(pos == 12, 0, pos)  # sees key 12
+    cases = {"band": (band, True), "causal": ((0 * pos, pos.copy()), True), "padded": (padded, True),
+             "packed": (packed, False), "narrow": (narrow, False), "padding_key_seen": (middle, False)}
+    for name, ((ks, ke), want_with_padding) in cases.items():
+        hint = None if name == "causal" else w
+        for padding in (True, False):
+            want = _band_by_definition(ks, ke, hint, padding)
+            if padding:
+                assert want == want_with_padding, name
+            got = bool(jax_ops.is_band(jnp.asarray(ks), jnp.asarray(ke), hint, padding))
+            assert got == want, (name, padding)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        ks = np.maximum(pos - w + 1 + rng.integers(-1, 2, (2, t)) * (rng.random((2, t)) < 0.1), 0)
+        ke = pos + (rng.random((2, t)) < 0.05)
+        empty = rng.random((2, t)) < 0.1
+        ks, ke = np.where(empty, 1, ks), np.where(empty, 0, ke)
+        for padding in (True, False):
+            assert bool(jax_ops.is_band(jnp.asarray(ks), jnp.asarray(ke), w, padding)) == _band_by_definition(
+                ks, ke, w, padding)
+
+
+@pytest.mark.parametrize("impl", BAND_ONLY)
+def test_band_only_impls_follow_any_intervals(impl):
+    """Intervals that are not the hinted band (packed segments, a narrower window) give the intervals'
+    attention, through the exact path, not the band's; the band itself matches too."""
+    rng = np.random.default_rng(6)
+    b, t, n, kv, h, w = 2, 32, 4, 2, 64, 8
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((b, t, n, h), (b, t, kv, h), (b, t, kv, h)))
+    pos = np.broadcast_to(np.arange(t), (b, t))
+    for ks in (np.maximum(pos - w + 1, 0),  # the band
+               np.maximum(pos - w + 1, np.where(pos < 13, 0, 13)),  # two packed segments
+               np.maximum(pos - 3 + 1, 0)):  # a narrower window than the hint
+        ks, ke = jnp.asarray(ks, jnp.int32), jnp.asarray(pos, jnp.int32)
+        want = kernels.reference.attention(q, k, v, ks, ke, scale=0.125)
+        got = kernels.attention(q, k, v, ks, ke, scale=0.125, impl=impl, window=w)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0)
+
+
 def test_banded_xla_path_equals_reference():
     rng = np.random.default_rng(5)
     b, t, n, kv, h, w = 2, 70, 4, 2, 16, 8

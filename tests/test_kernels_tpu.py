@@ -315,3 +315,22 @@ def test_lowers_for_tpu(t, n, kv, h, softcap):
     for f, calls in ((fwd, 1), (bwd, 3)):
         text = jax.jit(f).trace(q, k, k, iv, iv, iv).lower(lowering_platforms=("tpu",)).as_text()
         assert text.count("tpu_custom_call") == calls, f.__name__
+
+
+def test_splash_lowers_for_tpu_with_its_exact_path():
+    """impl="splash" at T = 8K, W = 1024 lowers for TPU, forward and backward: splash's kernels and,
+    under lax.cond for intervals that are not the band, flash_tpu's (2 forward calls; 6 with gradients)."""
+    from kernels import jax_ops
+
+    t, n, kv, h = 8192, 8, 4, 256
+    sds = jax.ShapeDtypeStruct
+    q, k, iv = sds((1, t, n, h), jnp.bfloat16), sds((1, t, kv, h), jnp.bfloat16), sds((1, t), jnp.int32)
+    fwd = functools.partial(jax_ops.splash, scale=h**-0.5, softcap=None, window=1024)
+
+    def bwd(q, k, v, start, end):
+        return jax.grad(lambda *a: fwd(*a, start, end).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    for f, calls in ((fwd, 2), (bwd, 6)):
+        text = jax.jit(f).trace(q, k, k, iv, iv).lower(lowering_platforms=("tpu",)).as_text()
+        assert text.count("tpu_custom_call") == calls, f
+        assert f"{t}x{t}" not in text, "a T x S array was materialized"
