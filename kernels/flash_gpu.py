@@ -10,7 +10,8 @@ Layout and work split (bq, bk: query and key block sizes):
             query blocks that can see it.
 GQA is native: q head n reads kv head n // G straight from k, v [B, S, K, H].
 On a Hopper GPU the forward of bf16/f16 self-attention runs in `kernels.flash_hopper` (Mosaic GPU:
-wgmma, TMA, warp specialisation) instead; it leaves the same logsumexp for these backward kernels.
+wgmma, TMA, warp specialisation) instead; it leaves the same logsumexp for these backward kernels
+(or, with mosaic_backward=True, for the Hopper backward of `kernels.flash_hopper_bwd`).
 
 Block skipping never builds a T x S mask. Small XLA reductions give, per query block, the
 union [lo, hi] of its rows' intervals and, per key block, the range [kmin, kmax] of its key
@@ -40,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from kernels import blocks, flash_hopper
+from kernels import blocks, flash_hopper, flash_hopper_bwd
 
 EMPTY = blocks.EMPTY  # k_pos of an unused cache slot (and of the wrapper's padding keys)
 _LOG2E = math.log2(math.e)
@@ -58,7 +59,8 @@ class _Config:
     interpret: bool
     num_warps: int | None
     num_stages: int | None
-    mosaic: bool = False  # forward by the Hopper kernel (kernels.flash_hopper); backward stays Triton
+    mosaic: bool = False  # forward by the Hopper kernel (kernels.flash_hopper)
+    mosaic_backward: bool = False  # backward by the Hopper kernels (kernels.flash_hopper_bwd)
 
     def params(self, head_dim: int, itemsize: int, loop_rows: int, fixed_rows: int,
                backward: bool = False) -> pl_triton.CompilerParams:
@@ -358,6 +360,11 @@ def _flash_fwd(cfg: _Config, q, k, v, meta):
 
 def _flash_bwd(cfg: _Config, res, do):
     q, k, v, meta, o, lse = res
+    if cfg.mosaic_backward:
+        _, _, k_start, k_end, _ = meta
+        dq, dk, dv = flash_hopper_bwd.backward(q, k, v, o, lse, do, k_start, k_end, scale=cfg.scale,
+                                               interpret=cfg.interpret)
+        return dq, dk, dv, jax.tree.map(lambda _: None, meta)
     delta = jnp.einsum("btnh,btnh->bnt", o.astype(jnp.float32), do.astype(jnp.float32))  # rowsum(dO * O)
     dq = _dq_call(cfg, q, k, v, do, lse, delta, meta)
     dk, dv = _dkdv_call(cfg, q, k, v, do, lse, delta, meta)
@@ -409,7 +416,8 @@ def _pad_axis(x, axis, size, value=0):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "softcap", "block_q", "block_k", "interpret", "num_warps", "num_stages", "mosaic"),
+    static_argnames=("scale", "softcap", "block_q", "block_k", "interpret", "num_warps", "num_stages", "mosaic",
+                     "mosaic_backward"),
 )
 def attention(
     q: jax.Array,
@@ -427,6 +435,7 @@ def attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     mosaic: bool | None = None,
+    mosaic_backward: bool = False,
 ) -> jax.Array:
     """Flash attention of q [B, T, N, H] over k, v [B, S, K, H] within per-query key intervals.
 
@@ -437,7 +446,9 @@ def attention(
     num_warps / num_stages: Triton settings (default 4 warps, 3 stages; 8 and 2 for block_q >= 128 at H = 256).
     mosaic: run the forward by the Hopper kernel (kernels.flash_hopper: wgmma + TMA). Default: where it
       serves the call (self-attention, k_pos None, bf16/f16, H a multiple of 64 up to 256, no softcap)
-      on a Hopper GPU. True forces it (in interpret mode on CPU); the backward is Triton's either way.
+      on a Hopper GPU. True forces it (in interpret mode on CPU).
+    mosaic_backward: run the backward by the Hopper kernels (kernels.flash_hopper_bwd) on the shapes
+      `mosaic` serves; off by default until timed on a GPU (the backward is then Triton's).
     Returns [B, T, N, H] in q's dtype.
     """
     b, t, n, h = q.shape
@@ -456,10 +467,13 @@ def attention(
     elif mosaic and not flash_hopper.serves(q, k, softcap, k_pos):
         raise ValueError("mosaic=True needs self-attention with k_pos None, bf16/f16, H a multiple of 64 "
                          "up to 256 and no softcap")
+    if mosaic_backward and not flash_hopper.serves(q, k, softcap, k_pos):
+        raise ValueError("mosaic_backward=True needs self-attention with k_pos None, bf16/f16, H a multiple "
+                         "of 64 up to 256 and no softcap")
     bq = min(block_q, _pow2_at_least(t))
     bk = min(block_k, _pow2_at_least(s))
     t_pad, s_pad, h_pad = blocks.round_up(t, bq), blocks.round_up(s, bk), _pow2_at_least(h)
-    if mosaic:  # whole Hopper tiles; S == T, and bq, bk divide the tile
+    if mosaic or mosaic_backward:  # whole Hopper tiles; S == T, and bq, bk divide the tile
         t_pad = s_pad = blocks.round_up(t, max(bq, bk, flash_hopper.TILE))
 
     general_pos = k_pos is not None
@@ -484,6 +498,7 @@ def attention(
         num_warps=num_warps,
         num_stages=num_stages,
         mosaic=mosaic,
+        mosaic_backward=mosaic_backward,
     )
     out = _flash(cfg, q_p, k_p, v_p, (qmeta, kmeta, k_start, k_end, k_pos))
     return out[:, :t, :, :h]

@@ -292,6 +292,29 @@ def test_lowers_for_cuda_at_production_shapes(t, window, mosaic):
     assert f"{t}x{t}" not in fwd_hlo + bwd_hlo, "a T x S array was materialized"
 
 
+@pytest.mark.parametrize("t,window", PRODUCTION)
+def test_hopper_backward_lowers_for_cuda_at_production_shapes(t, window):
+    """mosaic_backward=True at B=1, N=8, K=4, H=256, bf16: the gradient is three Mosaic GPU calls (the
+    forward, dq, dk/dv), no Triton, each within the 227 KB of shared memory Mosaic GPU checks here."""
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        pytest.skip("this jax has no jax.sharding.AbstractDevice to lower for an absent GPU")
+    b, n, kv_heads, h = 1, 8, 4, 256
+    sds = jax.ShapeDtypeStruct
+    q, kv, rows = sds((b, t, n, h), jnp.bfloat16), sds((b, t, kv_heads, h), jnp.bfloat16), sds((b, t), jnp.int32)
+
+    def grads(q, k, v, ks, ke):
+        loss = lambda *a: flash_gpu.attention(*a, ks, ke, scale=h**-0.5, mosaic=True,  # noqa: E731
+                                              mosaic_backward=True).astype(jnp.float32).sum()
+        return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        hlo = jax.jit(grads).trace(q, kv, kv, rows, rows).lower(lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("@mosaic_gpu") == 3 and "__gpu$xla.gpu.triton" not in hlo
+    assert f"{t}x{t}" not in hlo, "a T x S array was materialized"
+
+
 def test_persistent_hopper_forward_lowers_within_shared_memory():
     """The persistent Hopper forward (one CTA per SM of an H200) at H = 256 keeps a second O buffer
     beside Q and the K/V ring: 224 KB. Mosaic GPU checks the 227 KB bound while lowering."""

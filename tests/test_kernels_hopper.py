@@ -1,4 +1,5 @@
-"""kernels.flash_hopper (the Hopper forward in Pallas Mosaic GPU) vs the XLA reference.
+"""kernels.flash_hopper and flash_hopper_bwd (the Hopper forward and backward in Pallas Mosaic GPU) vs
+the XLA reference.
 
 On CPU the kernel runs in Mosaic GPU interpret mode: every warpgroup a thread, barriers, TMA copies
 and wgmma simulated, so the pipeline protocol (slot refills, releases, the shared schedule barrier,
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import flash_gpu, flash_hopper, reference
+from kernels import flash_gpu, flash_hopper, flash_hopper_bwd, reference
 
 ON_HOPPER = flash_hopper.on_hopper()
 JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:2])
@@ -111,6 +112,56 @@ def test_flash_gpu_with_hopper_forward_pads_and_differentiates():
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), atol=5e-2, rtol=0, err_msg=f"d{name}")
 
 
+def reference_grads(q, k, v, k_start, k_end, dout, scale):
+    f32 = [np.asarray(x, np.float32) for x in (q, k, v)]
+    loss = lambda q, k, v: jnp.sum(reference.attention(q, k, v, k_start, k_end, scale=scale) * dout)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*f32)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case[-1] is None])
+def test_backward_matches_reference_gradients(name):
+    """flash_hopper_bwd.backward from the Hopper forward's output and logsumexp: dq (the forward's
+    tiles, key blocks of 32), dk and dv (a key block per CTA, every q head of its group, the query
+    blocks that meet it) vs jax.grad of the reference; padding rows and keys nobody sees get zeros."""
+    b, t, (heads, kv_heads), h, window, pad, dtype, _ = CASES[name]
+    q, k, v, ks, ke = inputs(4, b, t, heads, kv_heads, h, window, pad, dtype)
+    dout = np.random.default_rng(5).standard_normal(q.shape, np.float32).astype(dtype)
+    scale = h**-0.5
+
+    def grads(q, k, v, ks, ke, dout):
+        o, lse = flash_hopper.forward(q, k, v, ks, ke, scale=scale, interpret=not ON_HOPPER)
+        return flash_hopper_bwd.backward(q, k, v, o, lse, dout, ks, ke, scale=scale, interpret=not ON_HOPPER)
+
+    got = run_eagerly(grads, q, k, v, ks, ke, dout)
+    want = reference_grads(q, k, v, ks, ke, np.asarray(dout, np.float32), scale)
+    for which, g, w in zip("qkv", got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w)
+        np.testing.assert_allclose(g, w, atol=5e-2 * max(1.0, np.abs(w).max() / 4), rtol=0, err_msg=f"d{which}")
+    assert not np.any(np.asarray(got[0], np.float32)[:, : min(pad)])  # padding rows: dq = 0
+
+
+@needs_interpreter
+def test_flash_gpu_with_hopper_backward_pads_and_differentiates():
+    """flash_gpu.attention(mosaic=True, mosaic_backward=True): T padded to whole tiles, GQA, ragged rows;
+    both directions by the Hopper kernels vs jax.grad of the reference."""
+    b, t, heads, kv_heads, h, window = 2, 200, 4, 2, 64, 40
+    q, k, v, ks, ke = inputs(6, b, t, heads, kv_heads, h, window, [5, 33], jnp.bfloat16)
+    dout = np.random.default_rng(7).standard_normal(q.shape, np.float32)
+    scale = h**-0.5
+
+    def loss(q, k, v):
+        out = flash_gpu.attention(q, k, v, ks, ke, scale=scale, mosaic=True, mosaic_backward=True,
+                                  interpret=not ON_HOPPER)
+        return jnp.sum(out.astype(jnp.float32) * dout)
+
+    got = run_eagerly(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+    want = reference_grads(q, k, v, ks, ke, dout, scale)
+    for which, g, w in zip("qkv", got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), atol=5e-2, rtol=0, err_msg=f"d{which}")
+
+
 def test_serves_only_the_prefill_shape():
     q = jnp.zeros((1, 128, 4, 64), jnp.bfloat16)
     k = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
@@ -121,6 +172,9 @@ def test_serves_only_the_prefill_shape():
     assert not flash_hopper.serves(q, k[:, :64], None, None)  # S != T
     assert not flash_hopper.serves(q[..., :32], k[..., :32], None, None)  # H not a multiple of 64
     ks = ke = jnp.zeros((1, 128), jnp.int32)
+    with pytest.raises(ValueError, match="mosaic_backward=True needs"):
+        flash_gpu.attention(q, k, k, jnp.zeros((1, 128), jnp.int32), jnp.zeros((1, 128), jnp.int32), scale=0.1,
+                            softcap=30.0, mosaic=False, mosaic_backward=True, interpret=True)
     with pytest.raises(ValueError, match="mosaic=True needs"):
         flash_gpu.attention(q.astype(jnp.float32), k.astype(jnp.float32), k.astype(jnp.float32), ks, ke,
                             scale=0.1, mosaic=True, interpret=True)
