@@ -7,7 +7,10 @@ Sections (each guarded, so one failure does not hide the rest):
   ceilings  device copy bandwidth (bytes read + written) and bf16 matmul rate, measured here
   check     our kernels vs kernels.reference on random inputs: ||out - ref|| / ||ref||
   prefill   T = 8K, 32K; 8 q / 4 kv heads; head_dim 256; W = 1024; bf16; local and global layers:
-            pallas_gpu vs cudnn vs xla (banded for local layers); forward and forward+backward
+            pallas_gpu vs cudnn vs xla (banded for local layers); forward and forward+backward.
+            On a Hopper GPU pallas_gpu's forward is flash_hopper's; "pallas_gpu persistent" runs it
+            with one CTA per SM (forward only), "pallas_gpu hopper bwd" adds the Hopper backward
+            (flash_hopper_bwd), "pallas_gpu triton" is the Triton forward and backward
   decode    batch 8 over a 32K global cache and a 1024-slot ring: ours vs xla vs
             jax.experimental.pallas.ops.gpu.decode_attention.gqa; K/V bytes read per second
   sweep     (with --sweep) the T = 32K local-layer forward per (block_q, block_k, warps, stages)
@@ -71,6 +74,12 @@ def rel_err(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def verdict(errs, dtype) -> str:
+    """"ok" when every relative error is within the dtype's bound (bf16 1e-2, f32 1e-4), else "WRONG"."""
+    bound = 1e-4 if dtype == jnp.float32 else 1e-2
+    return "ok" if all(e <= bound for e in errs) else "WRONG"
+
+
 def band(b: int, t: int, window: int | None):
     """Causal (window) intervals of self-attention: k_start, k_end int32 [B, T]."""
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -132,8 +141,9 @@ def _check(smoke: bool):
                 continue
             try:
                 out = jax.jit(functools.partial(_prefill_fn, impl=impl, ks=ks, ke=ke, window=window))(q, k, v)
+                err = rel_err(out, ref)
                 say(f"check {impl:17s} fwd  {jnp.dtype(dtype).name:8s} W={window}{' ragged' if ragged else ''}: "
-                    f"rel err {rel_err(out, ref):.2e}")
+                    f"rel err {err:.2e} {verdict([err], dtype)}")
             except Exception as e:  # noqa: BLE001
                 say(f"check {impl:17s} fwd  {jnp.dtype(dtype).name} W={window}: FAILED {type(e).__name__}: {e}"[:400])
         if dtype == jnp.float32 or ragged:
@@ -141,18 +151,22 @@ def _check(smoke: bool):
 
             def loss(q, k, v, impl):
                 f = (lambda *a: reference.attention(*a, ks, ke, scale=q.shape[-1] ** -0.5)) if impl == "ref" else \
-                    (lambda *a: kernels.attention(*a, ks, ke, impl=impl, window=window))
+                    functools.partial(_prefill_fn, impl=impl, ks=ks, ke=ke, window=window)
                 return jnp.sum(f(q, k, v) * dout)
 
             f32 = [x.astype(jnp.float32) for x in (q, k, v)]
             gref = jax.jit(jax.grad(lambda q, k, v: loss(q, k, v, "ref"), argnums=(0, 1, 2)))(*f32)
-            try:
-                g = jax.jit(jax.grad(lambda q, k, v: loss(q, k, v, "pallas_gpu"), argnums=(0, 1, 2)))(q, k, v)
-                errs = ", ".join(f"{n} {rel_err(a, b):.2e}" for n, a, b in zip("qkv", g, gref))
-                say(f"check pallas_gpu grad {jnp.dtype(dtype).name:8s} W={window}{' ragged' if ragged else ''}: "
-                    f"rel err d{errs}")
-            except Exception as e:  # noqa: BLE001
-                say(f"check pallas_gpu grad: FAILED {type(e).__name__}: {e}"[:400])
+            for impl in ("pallas_gpu", "pallas_gpu hopper bwd"):
+                if impl in SKIP or (impl == "pallas_gpu hopper bwd" and (dtype == jnp.float32 or not ragged)):
+                    continue
+                try:
+                    g = jax.jit(jax.grad(lambda q, k, v, impl=impl: loss(q, k, v, impl), argnums=(0, 1, 2)))(q, k, v)
+                    errs = [rel_err(a, b) for a, b in zip(g, gref)]
+                    shown = ", ".join(f"d{n} {e:.2e}" for n, e in zip("qkv", errs))
+                    say(f"check {impl} grad {jnp.dtype(dtype).name:8s} W={window}{' ragged' if ragged else ''}: "
+                        f"rel err {shown} {verdict(errs, dtype)}")
+                except Exception as e:  # noqa: BLE001
+                    say(f"check {impl} grad: FAILED {type(e).__name__}: {e}"[:400])
     # decode: ring after wrap-around and a ragged linear cache with a NaN-poisoned tail
     b, s, w = 4, (256 if smoke else 4096), (16 if smoke else 1024)
     key, sub = jax.random.split(key)
@@ -195,6 +209,10 @@ def _prefill_fn(q, k, v, *, impl, ks, ke, window):
         from kernels import flash_gpu
         return flash_gpu.attention(q, k, v, ks, ke, scale=q.shape[-1] ** -0.5, mosaic=False,
                                    interpret=jax.default_backend() == "cpu")
+    if impl == "pallas_gpu hopper bwd":  # the Hopper forward and the Hopper backward (flash_hopper_bwd)
+        from kernels import flash_gpu
+        return flash_gpu.attention(q, k, v, ks, ke, scale=q.shape[-1] ** -0.5, mosaic=True, mosaic_backward=True,
+                                   interpret=jax.default_backend() == "cpu")
     if impl == "pallas_gpu persistent":  # the Hopper forward with one CTA per SM (forward only)
         from kernels import flash_hopper
         return flash_hopper.forward(q, k, v, ks, ke, scale=q.shape[-1] ** -0.5,
@@ -217,8 +235,10 @@ def prefill(smoke: bool, bw: float, rate: float):
             floor = max(flops / rate, nbytes / bw)
             dout = jax.random.normal(jax.random.key(1), q.shape, jnp.bfloat16)
             name = f"prefill T={t} {'local W=' + str(window) if window else 'global'}"
-            for impl in ("pallas_gpu", "pallas_gpu persistent", "pallas_gpu triton", "cudnn", "xla"):
-                if impl in SKIP or (impl == "pallas_gpu persistent" and jax.default_backend() == "cpu"):
+            for impl in ("pallas_gpu", "pallas_gpu persistent", "pallas_gpu hopper bwd", "pallas_gpu triton", "cudnn",
+                         "xla"):
+                hopper_only = impl in ("pallas_gpu persistent", "pallas_gpu hopper bwd")
+                if impl in SKIP or (hopper_only and jax.default_backend() == "cpu"):
                     continue
                 if impl == "xla" and window is None and t > 8192:
                     say(f"{name:28s} {impl:17s} skipped (its T x T scores exceed memory)")
