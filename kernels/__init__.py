@@ -8,7 +8,8 @@ each query may see. Implementations:
   pallas_tpu  flash attention in Pallas/Mosaic for TPU, forward and backward
   pallas_gpu  flash attention in Pallas/Triton for GPU, forward and backward; on a Hopper GPU the
               bf16/f16 self-attention forward runs in Pallas Mosaic GPU (kernels.flash_hopper:
-              wgmma + TMA); decode steps (T == 1) go to the split-K decode kernel (kernels.decode)
+              wgmma + TMA; an opt-in Mosaic backward in kernels.flash_hopper_bwd); decode steps
+              (T == 1) go to the split-K decode kernel (kernels.decode)
   splash      jax's TPU splash attention (band masks; other intervals take pallas_tpu at run time)
   cudnn       jax.nn.dot_product_attention through cuDNN (band masks without padding; other
               intervals take pallas_gpu at run time)
