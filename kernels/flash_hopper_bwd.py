@@ -97,7 +97,7 @@ def _dkdv_kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     steps = g * per_head
     keys = (b, pl.ds(j * bk, bk), c)
 
-    def where_(s):
+    def step_rows(s):
         """Step s: (q head, query rows) of the ring's slot s % STAGES."""
         head = c * g + lax.div(s, jnp.maximum(per_head, 1))
         rows = pl.ds((first + lax.rem(s, jnp.maximum(per_head, 1))) * bq, bq)
@@ -112,7 +112,7 @@ def _dkdv_kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         @pl.loop(0, steps)
         def _(s):
             slot = lax.rem(s, jnp.int32(STAGES))
-            head, rows = where_(s)
+            head, rows = step_rows(s)
             pl.when(s >= STAGES)(lambda: plgpu.barrier_wait(released.at[slot]))  # both warpgroups done
             plgpu.copy_gmem_to_smem(q_ref.at[b, rows, head], q_smem.at[slot], q_loaded.at[slot])
             plgpu.copy_gmem_to_smem(do_ref.at[b, rows, head], do_smem.at[slot], do_loaded.at[slot])
@@ -149,39 +149,39 @@ def _dkdv_kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         plgpu.copy_smem_to_gmem(buf, out_ref.at[keys])
         plgpu.wait_smem_to_gmem(0)
 
-    def compute(step, buf, out_ref, factor: float):
+    def compute(update, buf, out_ref, factor: float):
+        """Runs this warpgroup's steps, acc = update(slot, P^T, acc), and writes factor * acc through buf."""
         plgpu.set_max_registers(232, action="increase")
         plgpu.barrier_wait(kv_loaded.at[0])
         plgpu.barrier_wait(kv_loaded.at[1])
+
+        def step(s, acc):
+            slot = lax.rem(s, jnp.int32(STAGES))
+            p_t = probs_t(slot)
+            plgpu.barrier_wait(do_loaded.at[slot])
+            acc = update(slot, p_t, acc)
+            release(slot)
+            return acc
+
         acc = plgpu.layout_cast(jnp.zeros((bk, h), jnp.float32), plgpu.Layout.WGMMA)
         finish(lax.fori_loop(0, steps, step, acc) * factor, buf, out_ref)
 
     @pl.when(wg == 0)
     def _dv():
-        def step(s, acc):
-            slot = lax.rem(s, jnp.int32(STAGES))
-            p_t = probs_t(slot)
-            plgpu.barrier_wait(do_loaded.at[slot])
-            acc = _mma(acc, p_t.astype(dtype), do_smem.at[slot], staging(0), cfg.interpret)
-            release(slot)
-            return acc
+        def update(slot, p_t, acc):  # dV += P^T dO
+            return _mma(acc, p_t.astype(dtype), do_smem.at[slot], staging(0), cfg.interpret)
 
-        compute(step, v_smem, dv_ref, 1.0)  # dV leaves through V's buffer
+        compute(update, v_smem, dv_ref, 1.0)  # dV leaves through V's buffer
 
     @pl.when(wg == 1)
     def _dk():
-        def step(s, acc):
-            slot = lax.rem(s, jnp.int32(STAGES))
-            p_t = probs_t(slot)
-            plgpu.barrier_wait(do_loaded.at[slot])
+        def update(slot, p_t, acc):  # dK += dS^T Q, dS^T = P^T (V dO^T - delta)
             plgpu.barrier_wait(delta_loaded.at[slot])
             dp_t = _scores(v_smem, do_smem.at[slot], shape)
             ds_t = p_t * (dp_t - _spread(_load_row(stat_smem.at[slot], 1, col), shape, 1))
-            acc = _mma(acc, ds_t.astype(dtype), q_smem.at[slot], staging(1), cfg.interpret)
-            release(slot)
-            return acc
+            return _mma(acc, ds_t.astype(dtype), q_smem.at[slot], staging(1), cfg.interpret)
 
-        compute(step, k_smem, dk_ref, cfg.scale)  # dK = scale dS^T Q leaves through K's buffer
+        compute(update, k_smem, dk_ref, cfg.scale)  # dK = scale dS^T Q leaves through K's buffer
 
 
 # ----------------------------------------------------------------------------- dq
