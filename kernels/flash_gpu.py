@@ -479,6 +479,9 @@ def attention(
     general_pos = k_pos is not None
     if k_pos is None:
         k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        # keys sit at 0 .. S-1: an interval reaching past S-1 must not reach the padding keys, which the
+        # Hopper kernels place at positions S .. s_pad-1 (the Triton ones mark them EMPTY)
+        k_end = jnp.minimum(k_end, s - 1)
     k_pos = _pad_axis(k_pos.astype(jnp.int32), 1, s_pad, EMPTY)
     k_start = _pad_axis(k_start.astype(jnp.int32), 1, t_pad, 0)
     k_end = _pad_axis(k_end.astype(jnp.int32), 1, t_pad, -1)  # padded queries: empty interval

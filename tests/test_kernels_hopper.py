@@ -144,18 +144,24 @@ def test_backward_matches_reference_gradients(name):
 
 @needs_interpreter
 def test_flash_gpu_with_hopper_backward_pads_and_differentiates():
-    """flash_gpu.attention(mosaic=True, mosaic_backward=True): T padded to whole tiles, GQA, ragged rows;
-    both directions by the Hopper kernels vs jax.grad of the reference."""
+    """flash_gpu.attention(mosaic=True, mosaic_backward=True): T padded to whole tiles, GQA, ragged rows,
+    and rows whose interval reaches past the last key (as an image block at the end may), which must
+    not reach the padding keys; both directions by the Hopper kernels vs the reference."""
     b, t, heads, kv_heads, h, window = 2, 200, 4, 2, 64, 40
     q, k, v, ks, ke = inputs(6, b, t, heads, kv_heads, h, window, [5, 33], jnp.bfloat16)
+    ke = np.where(np.arange(t) > 150, t + 40, ke).astype(np.int32)
     dout = np.random.default_rng(7).standard_normal(q.shape, np.float32)
     scale = h**-0.5
 
-    def loss(q, k, v):
-        out = flash_gpu.attention(q, k, v, ks, ke, scale=scale, mosaic=True, mosaic_backward=True,
-                                  interpret=not ON_HOPPER)
-        return jnp.sum(out.astype(jnp.float32) * dout)
+    def attend(q, k, v):
+        return flash_gpu.attention(q, k, v, ks, ke, scale=scale, mosaic=True, mosaic_backward=True,
+                                   interpret=not ON_HOPPER)
 
+    def loss(q, k, v):
+        return jnp.sum(attend(q, k, v).astype(jnp.float32) * dout)
+
+    out = run_eagerly(attend, q, k, v)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref_and_lse(q, k, v, ks, ke, scale)[0], atol=2e-2)
     got = run_eagerly(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
     want = reference_grads(q, k, v, ks, ke, dout, scale)
     for which, g, w in zip("qkv", got, want):
