@@ -447,8 +447,9 @@ def attention(
     mosaic: run the forward by the Hopper kernel (kernels.flash_hopper: wgmma + TMA). Default: where it
       serves the call (self-attention, k_pos None, bf16/f16, H a multiple of 64 up to 256, no softcap)
       on a Hopper GPU. True forces it (in interpret mode on CPU).
-    mosaic_backward: run the backward by the Hopper kernels (kernels.flash_hopper_bwd) on the shapes
-      `mosaic` serves; off by default until timed on a GPU (the backward is then Triton's).
+    mosaic_backward: run the backward by the Hopper kernels (kernels.flash_hopper_bwd; a Hopper GPU, or
+      interpret mode) on the shapes `mosaic` serves; off by default until timed on a GPU (the backward
+      is then Triton's).
     Returns [B, T, N, H] in q's dtype.
     """
     b, t, n, h = q.shape

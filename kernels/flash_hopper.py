@@ -284,20 +284,20 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scope
         plgpu.set_max_registers(40, action="decrease")
 
         def one_item(j, g0):
-            b, n, _, first, end = item(j)
+            b, n, _, lo, hi = item(j)
             kv_head = lax.div(n, jnp.int32(cfg.groups))
 
-            @pl.loop(0, end - first)
+            @pl.loop(0, hi - lo)
             def _(i):
                 g = g0 + i
                 slot = slot_of(g)
-                keys = (b, pl.ds((first + i) * bk, bk), kv_head)
+                keys = (b, pl.ds((lo + i) * bk, bk), kv_head)
                 pl.when(g >= stages)(lambda: plgpu.barrier_wait(k_released.at[slot]))  # both warpgroups done
                 plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_loaded.at[slot])
                 pl.when(g >= stages)(lambda: plgpu.barrier_wait(v_released.at[slot]))
                 plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_loaded.at[slot])
 
-            return g0 + end - first
+            return g0 + hi - lo
 
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
 
@@ -359,6 +359,6 @@ def forward(q, k, v, k_start, k_end, *, scale: float, ctas: int | None = None, i
         thread_name="wg",
         # the row reductions stay within warps: no SMEM scratch for cross-warp ones (2 KB more for Q and O)
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
-        **({"interpret": _InterpretParams(detect_races=True)} if interpret else {}),  # raises on a race
+        **({"interpret": _InterpretParams(detect_races=True)} if interpret else {}),  # jax 0.12 raises on a race
     )
     return call(meta, k_start, k_end, q, k, v)

@@ -293,8 +293,6 @@ def backward(q, k, v, o, lse, do, k_start, k_end, *, scale: float, interpret: bo
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         **({"interpret": _InterpretParams(detect_races=True)} if interpret else {}),
     )
-    stat = lambda: plgpu.SMEM((STAGES, 2, BLOCK), jnp.float32)  # noqa: E731
-
     # dk, dv: per key block the query blocks that meet it, [first, end)
     *_, meets = blocks.hulls(k_start, k_end, k_pos, BLOCK, BLOCK)
     q_first, q_last = blocks.first_last(meets, axis=1)
@@ -306,7 +304,7 @@ def backward(q, k, v, o, lse, do, k_start, k_end, *, scale: float, interpret: bo
             plgpu.SMEM((BLOCK, h), v.dtype, transforms=_TILED),  # V_j, then dV_j
             plgpu.SMEM((STAGES, BLOCK, h), q.dtype, transforms=_TILED),
             plgpu.SMEM((STAGES, BLOCK, h), do.dtype, transforms=_TILED),
-            stat(),  # lse, delta of the slot's rows
+            plgpu.SMEM((STAGES, 2, BLOCK), jnp.float32),  # lse, delta of the slot's rows
             plgpu.SMEM((STAGES, 2, BLOCK), jnp.int32),  # k_start, k_end of the slot's rows
         )
         if interpret:

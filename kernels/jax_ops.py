@@ -25,8 +25,9 @@ def _valid_rows(k_start: jax.Array, k_end: jax.Array) -> jax.Array:
 
 
 def is_band(k_start: jax.Array, k_end: jax.Array, window: int | None, padding: bool) -> jax.Array:
-    """bool scalar: every real row t sees exactly the real keys of [t - W + 1, t] (W None: [0, t]),
-    the rows with an empty interval being padding (the real ones) when `padding`, else none. O(T)."""
+    """bool scalar: every real row t (a non-empty interval) sees exactly the real keys of [t - W + 1, t]
+    (W None: [0, t]). Rows and keys with an empty interval are padding, allowed when `padding`
+    (splash masks them by segment ids), else not (cuDNN takes none). O(T)."""
     t = k_start.shape[1]
     pos = jnp.arange(t, dtype=jnp.int32)
     valid = _valid_rows(k_start, k_end)

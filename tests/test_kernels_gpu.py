@@ -292,15 +292,17 @@ def test_lowers_for_cuda_at_production_shapes(t, window, mosaic):
     assert f"{t}x{t}" not in fwd_hlo + bwd_hlo, "a T x S array was materialized"
 
 
-@pytest.mark.parametrize("t,window", PRODUCTION)
-def test_hopper_backward_lowers_for_cuda_at_production_shapes(t, window):
-    """mosaic_backward=True at B=1, N=8, K=4, H=256, bf16: the gradient is three Mosaic GPU calls (the
-    forward, dq, dk/dv), no Triton, each within the 227 KB of shared memory Mosaic GPU checks here."""
+@pytest.mark.parametrize("t,h,dtype", [(32768, 256, jnp.bfloat16), (8192, 256, jnp.bfloat16),
+                                       (1024, 128, jnp.float16), (1024, 64, jnp.bfloat16)])
+def test_hopper_backward_lowers_for_cuda_at_production_shapes(t, h, dtype):
+    """mosaic_backward=True at B=1, N=8, K=4 (Gemma 3's H = 256 at 8K and 32K; H = 128 and 64 for the
+    other tilings): the gradient is three Mosaic GPU calls (the forward, dq, dk/dv), no Triton, each
+    within the 227 KB of shared memory and the wgmma tiling rules Mosaic GPU checks while lowering."""
     if not hasattr(jax.sharding, "AbstractDevice"):
         pytest.skip("this jax has no jax.sharding.AbstractDevice to lower for an absent GPU")
-    b, n, kv_heads, h = 1, 8, 4, 256
+    b, n, kv_heads = 1, 8, 4
     sds = jax.ShapeDtypeStruct
-    q, kv, rows = sds((b, t, n, h), jnp.bfloat16), sds((b, t, kv_heads, h), jnp.bfloat16), sds((b, t), jnp.int32)
+    q, kv, rows = sds((b, t, n, h), dtype), sds((b, t, kv_heads, h), dtype), sds((b, t), jnp.int32)
 
     def grads(q, k, v, ks, ke):
         loss = lambda *a: flash_gpu.attention(*a, ks, ke, scale=h**-0.5, mosaic=True,  # noqa: E731

@@ -169,7 +169,8 @@ def test_is_band_matches_its_definition():
 @pytest.mark.parametrize("impl", BAND_ONLY)
 def test_band_only_impls_follow_any_intervals(impl):
     """Intervals that are not the hinted band (packed segments, a narrower window) give the intervals'
-    attention, through the exact path, not the band's; the band itself matches too."""
+    attention (the exact path), not the band's; the band itself (the fused path, as is_band's own test
+    shows it is chosen) matches too."""
     rng = np.random.default_rng(6)
     b, t, n, kv, h, w = 2, 32, 4, 2, 64, 8
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((b, t, n, h), (b, t, kv, h), (b, t, kv, h)))
