@@ -102,6 +102,65 @@ def _load_row(ref, i, layout):
         return plgpu.load(ref.at[i], (), layout=layout)
 
 
+def _work_item(idx, heads: int, tiles: int):
+    """(b, n, tile) of work item idx over B x N x T / TILE query tiles, q heads varying fastest."""
+    n = lax.rem(idx, jnp.int32(heads))
+    tile = lax.rem(lax.div(idx, jnp.int32(heads)), jnp.int32(tiles))
+    return lax.div(idx, jnp.int32(heads * tiles)), n, tile
+
+
+def _scores(a_ref, b_ref, shape, during=lambda: None):
+    """a_ref @ b_ref^T (both [rows, H] in SMEM) -> f32 `shape` in registers, on the tensor cores;
+    `during` runs while they work."""
+
+    def scoped(ref):
+        plgpu.wgmma(ref, a_ref, b_ref.transpose((1, 0)))
+        during()
+        return ref[...]
+
+    return pl.run_scoped(scoped, plgpu.ACC(shape, jnp.float32))
+
+
+def _mma(acc, a, b_ref, a_smem, interpret: bool, during=lambda: None):
+    """acc + a @ b_ref on the tensor cores: a [M, K] in registers, b_ref [K, N] in SMEM, acc [M, N] f32;
+    `during` runs while they work. a_smem: a [M, K] SMEM buffer for interpret mode, whose wgmma takes A
+    from SMEM only and starts from zero."""
+    if interpret:
+        a_smem[...] = a
+
+        def scoped(ref):
+            plgpu.wgmma(ref, a_smem, b_ref)
+            during()
+            return ref[...]
+
+        return acc + pl.run_scoped(scoped, plgpu.ACC(acc.shape, jnp.float32))
+
+    def update(ref):
+        plgpu.wgmma(ref, a, b_ref)
+        during()
+
+    return pl.run_state(update)(plgpu.ACC.init(acc))
+
+
+def _visible(s, first_key: jax.Array, k_start, k_end, key_axis: int):
+    """s where the key (position first_key + its index along key_axis) lies in its query's interval
+    [k_start, k_end] (vectors along the other axis), else -inf."""
+    pos = first_key + plgpu.broadcasted_iota(jnp.int32, s.shape, key_axis, layout=plgpu.Layout.WGMMA)
+    lower, upper = (lax.broadcast_in_dim(x, s.shape, [1 - key_axis]) for x in (k_start, k_end))
+    return jnp.where((pos >= lower) & (pos <= upper), s, -jnp.inf)
+
+
+def _hull_loops(lo, steps, hull, masked, whole, idle, carry):
+    """A warpgroup's steps over its tile's key blocks [lo, lo + steps), with its own hull
+    (first, a, b, end): idle before first and from end on, masked in [first, a) and [b, end), whole
+    in [a, b). Each body takes (step index from 0, carry)."""
+    first, a, b, end = hull
+    for start, stop, body in ((lo, first, idle), (first, a, masked), (a, b, whole), (b, end, masked),
+                              (end, lo + steps, idle)):
+        carry = lax.fori_loop(start - lo, stop - lo, body, carry)
+    return carry
+
+
 def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, cfg: _Config):
     cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
@@ -118,11 +177,8 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scope
     my_items = lax.div(batch * heads * tiles - cta + cfg.ctas - 1, jnp.int32(cfg.ctas))
 
     def item(j):
-        """Work item j of this CTA: (b, n, tile, lo, hi); q heads vary fastest."""
-        idx = cta + j * cfg.ctas
-        n = lax.rem(idx, jnp.int32(heads))
-        tile = lax.rem(lax.div(idx, jnp.int32(heads)), jnp.int32(tiles))
-        b = lax.div(idx, jnp.int32(heads * tiles))
+        """Work item j of this CTA: (b, n, tile, lo, hi)."""
+        b, n, tile = _work_item(cta + j * cfg.ctas, heads, tiles)
         return b, n, tile, meta_ref[b, 0, tile], meta_ref[b, 1, tile]
 
     def slot_of(g):
@@ -179,25 +235,21 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scope
 
             pl.when(wg == 1)(take_turn)
 
+            def wait_next_k(i):
+                @pl.when(i + 1 < steps)
+                def _():
+                    plgpu.barrier_wait(k_loaded.at[slot_of(g0 + i + 1)])
+
             def step(i, carry, masked: bool):
                 acc, m, l = carry
                 slot = slot_of(g0 + i)
-
-                def qk(s_ref):
-                    plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-                    take_turn()
-                    return s_ref[...]
-
-                s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+                s = _scores(q_smem, k_smem.at[slot], (bq, bk), during=take_turn)
                 plgpu.barrier_arrive(k_released.at[slot])
                 if cfg.persistent:
                     pl.when(lo + i == end - 1)(prefetch_next)  # the next Q streams in under the rest
                 s = s * (cfg.scale * _LOG2E)  # logits in log2 units
                 if masked:
-                    pos = (lo + i) * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
-                    lower = lax.broadcast_in_dim(k_start, (bq, bk), [0])
-                    upper = lax.broadcast_in_dim(k_end, (bq, bk), [0])
-                    s = jnp.where((pos >= lower) & (pos <= upper), s, -jnp.inf)
+                    s = _visible(s, (lo + i) * bk, k_start, k_end, key_axis=1)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # nothing visible yet
                 alpha = jnp.exp2(m - m_safe)
@@ -208,28 +260,8 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scope
                 plgpu.barrier_wait(v_loaded.at[slot])
                 plgpu.barrier_wait(schedule)  # the tensor cores are ours
                 l = l * alpha + p.sum(axis=1)
-
-                def wait_next_k():
-                    @pl.when(i + 1 < steps)
-                    def _():
-                        plgpu.barrier_wait(k_loaded.at[slot_of(g0 + i + 1)])
-
-                if cfg.interpret:  # the CPU interpreter's wgmma takes A from SMEM and starts from zero
-                    p_smem = p_smem2.at[wg]
-                    p_smem[...] = p16
-
-                    def pv(o_ref):
-                        plgpu.wgmma(o_ref, p_smem, v_smem.at[slot])
-                        wait_next_k()
-                        return o_ref[...]
-
-                    acc = acc + pl.run_scoped(pv, plgpu.ACC((bq, head_dim), jnp.float32))
-                else:
-                    def pv(o_ref):
-                        plgpu.wgmma(o_ref, p16, v_smem.at[slot])
-                        wait_next_k()
-
-                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                p_smem = None if p_smem2 is None else p_smem2.at[wg]
+                acc = _mma(acc, p16, v_smem.at[slot], p_smem, cfg.interpret, during=lambda: wait_next_k(i))
                 plgpu.barrier_arrive(v_released.at[slot])
                 return acc, m_new, l
 
@@ -240,20 +272,12 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scope
                 plgpu.barrier_arrive(schedule)
                 plgpu.barrier_wait(v_loaded.at[slot])
                 plgpu.barrier_wait(schedule)
-
-                @pl.when(i + 1 < steps)
-                def _():
-                    plgpu.barrier_wait(k_loaded.at[slot_of(g0 + i + 1)])
-
+                wait_next_k(i)
                 plgpu.barrier_arrive(v_released.at[slot])
                 return carry
 
-            masked = functools.partial(step, masked=True)
-            carry = lax.fori_loop(0, first - lo, idle, (acc, m, l))
-            carry = lax.fori_loop(first - lo, a - lo, masked, carry)
-            carry = lax.fori_loop(a - lo, b_ - lo, functools.partial(step, masked=False), carry)
-            carry = lax.fori_loop(b_ - lo, end - lo, masked, carry)
-            acc, m, l = lax.fori_loop(end - lo, steps, idle, carry)
+            acc, m, l = _hull_loops(lo, steps, (first, a, b_, end), functools.partial(step, masked=True),
+                                    functools.partial(step, masked=False), idle, (acc, m, l))
             pl.when(wg == 0)(take_turn)
 
             empty = l == 0.0

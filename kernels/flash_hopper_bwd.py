@@ -27,7 +27,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import blocks
-from kernels.flash_hopper import _LOG2E, TILE, _InterpretParams, _load_row, tile_meta
+from kernels.flash_hopper import (_LOG2E, TILE, _hull_loops, _InterpretParams, _load_row, _mma, _scores, _visible,
+                                  _work_item, tile_meta)
 
 BLOCK = 64  # query rows per compute warpgroup; keys per dk/dv CTA
 DQ_BLOCK_K = 32  # keys per dq ring slot: Q and dO of two warpgroups (128 KB at H = 256) leave room for 2 slots
@@ -43,33 +44,6 @@ class _Config:
     scale: float
     groups: int  # q heads per kv head
     interpret: bool
-
-
-def _mma(acc, a, b_ref, a_smem, interpret: bool):
-    """acc + a @ b_ref on the tensor cores: a [M, K] in registers, b_ref [K, N] in SMEM, acc [M, N] f32."""
-    if interpret:  # the CPU interpreter's wgmma takes A from SMEM and starts from zero
-        a_smem[...] = a
-
-        def scoped(ref):
-            plgpu.wgmma(ref, a_smem, b_ref)
-            return ref[...]
-
-        return acc + pl.run_scoped(scoped, plgpu.ACC(acc.shape, jnp.float32))
-
-    def update(ref):
-        plgpu.wgmma(ref, a, b_ref)
-
-    return pl.run_state(update)(plgpu.ACC.init(acc))
-
-
-def _scores(a_ref, b_ref, shape):
-    """a_ref @ b_ref^T, both [rows, H] in SMEM -> f32 [rows_a, rows_b] in registers."""
-
-    def scoped(ref):
-        plgpu.wgmma(ref, a_ref, b_ref.transpose((1, 0)))
-        return ref[...]
-
-    return pl.run_scoped(scoped, plgpu.ACC(shape, jnp.float32))
 
 
 def _spread(x, shape, axis):
@@ -131,10 +105,8 @@ def _dkdv_kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         plgpu.barrier_wait(ks_loaded.at[slot])
         plgpu.barrier_wait(ke_loaded.at[slot])
         s_t = _scores(k_smem, q_smem.at[slot], shape) * (cfg.scale * _LOG2E)
-        pos = j * bk + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-        k_start = _spread(_load_row(rows_smem.at[slot], 0, col), shape, 1)
-        k_end = _spread(_load_row(rows_smem.at[slot], 1, col), shape, 1)
-        s_t = jnp.where((pos >= k_start) & (pos <= k_end), s_t, -jnp.inf)
+        k_start, k_end = (_load_row(rows_smem.at[slot], r, col) for r in range(2))
+        s_t = _visible(s_t, j * bk, k_start, k_end, key_axis=0)
         return jnp.exp2(s_t - _spread(_load_row(stat_smem.at[slot], 0, col), shape, 1))
 
     def release(slot):
@@ -195,10 +167,7 @@ def _dq_kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d
     wg = lax.axis_index("wg")
     heads, tiles = q_ref.shape[2], meta_ref.shape[2]
     h, dtype, bq, bk = q_ref.shape[-1], q_ref.dtype, BLOCK, DQ_BLOCK_K
-    cta = lax.axis_index("cta")  # q heads vary fastest, as in the forward
-    n = lax.rem(cta, jnp.int32(heads))
-    tile = lax.rem(lax.div(cta, jnp.int32(heads)), jnp.int32(tiles))
-    b = lax.div(cta, jnp.int32(heads * tiles))
+    b, n, tile = _work_item(lax.axis_index("cta"), heads, tiles)  # one item per CTA, as the forward's
     lo, hi = meta_ref[b, 0, tile], meta_ref[b, 1, tile]
     steps = hi - lo
 
@@ -220,7 +189,7 @@ def _dq_kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d
     @pl.when(wg < 2)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-        first, a, b_, end = (meta_ref[b, 2 + 4 * wg + r, tile] for r in range(4))  # this warpgroup's hull
+        hull = tuple(meta_ref[b, 2 + 4 * wg + r, tile] for r in range(4))  # this warpgroup's (first, a, b, end)
         q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
         rows = pl.ds(tile * TILE + wg * bq, bq)
         plgpu.copy_gmem_to_smem(q_ref.at[b, rows, n], q_smem, q_loaded.at[wg])
@@ -241,8 +210,7 @@ def _dq_kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d
             plgpu.barrier_wait(k_loaded.at[slot])
             s = _scores(q_smem, k_smem.at[slot], shape) * (cfg.scale * _LOG2E)
             if masked:
-                pos = (lo + i) * bk + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-                s = jnp.where((pos >= _spread(k_start, shape, 0)) & (pos <= _spread(k_end, shape, 0)), s, -jnp.inf)
+                s = _visible(s, (lo + i) * bk, k_start, k_end, key_axis=1)
             p = jnp.exp2(s - _spread(lse, shape, 0))
             plgpu.barrier_wait(v_loaded.at[slot])
             ds = p * (_scores(do_smem, v_smem.at[slot], shape) - _spread(delta, shape, 0))
@@ -257,13 +225,9 @@ def _dq_kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d
             plgpu.barrier_arrive(released.at[slot])
             return acc
 
-        masked = functools.partial(step, masked=True)
         acc = plgpu.layout_cast(jnp.zeros((bq, h), jnp.float32), plgpu.Layout.WGMMA)
-        acc = lax.fori_loop(0, first - lo, idle, acc)
-        acc = lax.fori_loop(first - lo, a - lo, masked, acc)
-        acc = lax.fori_loop(a - lo, b_ - lo, functools.partial(step, masked=False), acc)
-        acc = lax.fori_loop(b_ - lo, end - lo, masked, acc)
-        acc = lax.fori_loop(end - lo, steps, idle, acc)
+        acc = _hull_loops(lo, steps, hull, functools.partial(step, masked=True), functools.partial(step, masked=False),
+                          idle, acc)
         q_smem[...] = (acc * cfg.scale).astype(dtype)  # dQ leaves through Q's buffer
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, n])
