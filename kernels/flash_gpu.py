@@ -463,14 +463,13 @@ def attention(
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"{name} must be a power of two >= 16; got {blk}")
+    hopper_shape = flash_hopper.serves(q, k, softcap, k_pos)
     if mosaic is None:
-        mosaic = not interpret and flash_hopper.serves(q, k, softcap, k_pos) and flash_hopper.on_hopper()
-    elif mosaic and not flash_hopper.serves(q, k, softcap, k_pos):
-        raise ValueError("mosaic=True needs self-attention with k_pos None, bf16/f16, H a multiple of 64 "
-                         "up to 256 and no softcap")
-    if mosaic_backward and not flash_hopper.serves(q, k, softcap, k_pos):
-        raise ValueError("mosaic_backward=True needs self-attention with k_pos None, bf16/f16, H a multiple "
-                         "of 64 up to 256 and no softcap")
+        mosaic = not interpret and hopper_shape and flash_hopper.on_hopper()
+    for name, forced in (("mosaic", mosaic), ("mosaic_backward", mosaic_backward)):
+        if forced and not hopper_shape:
+            raise ValueError(f"{name}=True needs self-attention with k_pos None, bf16/f16, H a multiple of 64 "
+                             "up to 256 and no softcap")
     bq = min(block_q, _pow2_at_least(t))
     bk = min(block_k, _pow2_at_least(s))
     t_pad, s_pad, h_pad = blocks.round_up(t, bq), blocks.round_up(s, bk), _pow2_at_least(h)
