@@ -259,6 +259,15 @@ def test_rejects_bad_block_size():
 PRODUCTION = [(32768, 1024), (8192, 1024)]
 
 
+def lower_for_h200(f, *args) -> str:
+    """HLO text of jit(f) lowered for CUDA through an abstract H200 (no GPU needed)."""
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        pytest.skip("this jax has no jax.sharding.AbstractDevice to lower for an absent GPU")
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 @pytest.mark.parametrize("mosaic", [False, True])
 @pytest.mark.parametrize("t,window", PRODUCTION)
 def test_lowers_for_cuda_at_production_shapes(t, window, mosaic):
@@ -267,8 +276,6 @@ def test_lowers_for_cuda_at_production_shapes(t, window, mosaic):
 
     Lowering (Pallas -> Triton IR) needs no GPU when an abstract GPU device is named; PTX
     compilation happens later on the GPU itself, so this does not prove Triton compiles it."""
-    if not hasattr(jax.sharding, "AbstractDevice"):
-        pytest.skip("this jax has no jax.sharding.AbstractDevice to lower for an absent GPU")
     b, n, kv_heads, h = 1, 8, 4, 256
     sds = jax.ShapeDtypeStruct
     q = sds((b, t, n, h), jnp.bfloat16)
@@ -281,11 +288,8 @@ def test_lowers_for_cuda_at_production_shapes(t, window, mosaic):
     def grads(q, k, v, ks, ke):
         return jax.grad(lambda *a: fwd(*a, ks, ke).astype(jnp.float32).sum(), (0, 1, 2))(q, k, v)
 
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh):
-        fwd_hlo = jax.jit(fwd).trace(q, kv, kv, rows, rows).lower(lowering_platforms=("cuda",)).as_text()
-        bwd_hlo = jax.jit(grads).trace(q, kv, kv, rows, rows).lower(lowering_platforms=("cuda",)).as_text()
+    fwd_hlo = lower_for_h200(fwd, q, kv, kv, rows, rows)
+    bwd_hlo = lower_for_h200(grads, q, kv, kv, rows, rows)
     assert fwd_hlo.count("__gpu$xla.gpu.triton") == (0 if mosaic else 1)
     assert bwd_hlo.count("__gpu$xla.gpu.triton") == (2 if mosaic else 3)  # forward, dq, dk/dv
     assert fwd_hlo.count("@mosaic_gpu") == bwd_hlo.count("@mosaic_gpu") == (1 if mosaic else 0)
@@ -298,8 +302,6 @@ def test_hopper_backward_lowers_for_cuda_at_production_shapes(t, h, dtype):
     """mosaic_backward=True at B=1, N=8, K=4 (Gemma 3's H = 256 at 8K and 32K; H = 128 and 64 for the
     other tilings): the gradient is three Mosaic GPU calls (the forward, dq, dk/dv), no Triton, each
     within the 227 KB of shared memory and the wgmma tiling rules Mosaic GPU checks while lowering."""
-    if not hasattr(jax.sharding, "AbstractDevice"):
-        pytest.skip("this jax has no jax.sharding.AbstractDevice to lower for an absent GPU")
     b, n, kv_heads = 1, 8, 4
     sds = jax.ShapeDtypeStruct
     q, kv, rows = sds((b, t, n, h), dtype), sds((b, t, kv_heads, h), dtype), sds((b, t), jnp.int32)
@@ -309,10 +311,7 @@ def test_hopper_backward_lowers_for_cuda_at_production_shapes(t, h, dtype):
                                               mosaic_backward=True).astype(jnp.float32).sum()
         return jax.grad(loss, (0, 1, 2))(q, k, v)
 
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh):
-        hlo = jax.jit(grads).trace(q, kv, kv, rows, rows).lower(lowering_platforms=("cuda",)).as_text()
+    hlo = lower_for_h200(grads, q, kv, kv, rows, rows)
     assert hlo.count("@mosaic_gpu") == 3 and "__gpu$xla.gpu.triton" not in hlo
     assert f"{t}x{t}" not in hlo, "a T x S array was materialized"
 
@@ -320,16 +319,11 @@ def test_hopper_backward_lowers_for_cuda_at_production_shapes(t, h, dtype):
 def test_persistent_hopper_forward_lowers_within_shared_memory():
     """The persistent Hopper forward (one CTA per SM of an H200) at H = 256 keeps a second O buffer
     beside Q and the K/V ring: 224 KB. Mosaic GPU checks the 227 KB bound while lowering."""
-    if not hasattr(jax.sharding, "AbstractDevice"):
-        pytest.skip("this jax has no jax.sharding.AbstractDevice to lower for an absent GPU")
     b, t, n, kv_heads, h = 1, 32768, 8, 4, 256
     sds = jax.ShapeDtypeStruct
     q, kv, rows = sds((b, t, n, h), jnp.bfloat16), sds((b, t, kv_heads, h), jnp.bfloat16), sds((b, t), jnp.int32)
     fwd = functools.partial(flash_hopper.forward, scale=h**-0.5, ctas=132)
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh):
-        hlo = jax.jit(fwd).trace(q, kv, kv, rows, rows).lower(lowering_platforms=("cuda",)).as_text()
+    hlo = lower_for_h200(fwd, q, kv, kv, rows, rows)
     assert hlo.count("@mosaic_gpu") == 1
 
 
