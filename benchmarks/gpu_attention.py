@@ -8,12 +8,18 @@ Sections (each guarded, so one failure does not hide the rest):
   check     our kernels vs kernels.reference on random inputs: ||out - ref|| / ||ref||
   prefill   T = 8K, 32K; 8 q / 4 kv heads; head_dim 256; W = 1024; bf16; local and global layers:
             pallas_gpu vs cudnn vs xla (banded for local layers); forward and forward+backward.
-            On a Hopper GPU pallas_gpu's forward is flash_hopper's; "pallas_gpu persistent" runs it
-            with one CTA per SM (forward only), "pallas_gpu hopper bwd" adds the Hopper backward
+            On a Hopper GPU pallas_gpu's forward is flash_hopper's; its variants (forward only, HOPPER):
+            "persistent" (one CTA per SM), "paired" (a tile of 64 rows of two q heads of one kv
+            head), "paired persistent"; "pallas_gpu hopper bwd" adds the Hopper backward
             (flash_hopper_bwd), "pallas_gpu triton" is the Triton forward and backward
   decode    batch 8 over a 32K global cache and a 1024-slot ring: ours vs xla vs
             jax.experimental.pallas.ops.gpu.decode_attention.gqa; K/V bytes read per second
-  sweep     (with --sweep) the T = 32K local-layer forward per (block_q, block_k, warps, stages)
+  target    the issue's target case alone: T = 32K, W = 1024 forward, every Hopper variant vs cudnn
+  anatomy   the T = 32K local forward of each Hopper variant and cudnn at W = 512, 1024, 2048, 4096: a
+            least-squares line through time vs key blocks streamed splits each variant's time into a
+            cost per block and a fixed cost per tile (launch, Q in, O out, pipeline fill and drain);
+            and the XLA work outside the kernel (the tile table) timed alone
+  sweep     (with --sweep) the T = 32K local-layer forward per Triton (block_q, block_k, warps, stages)
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ from kernels import reference  # noqa: E402
 ROWS: list[str] = []
 LOG: list[str] = []
 SKIP: set[str] = set()  # impls left out (--skip), e.g. after a kernel hung in an earlier run
+# Hopper forward variants (flash_hopper.forward options; "sms": one CTA per SM), forward only
+HOPPER = {"pallas_gpu persistent": {"ctas": "sms"}, "pallas_gpu paired": {"paired": True},
+          "pallas_gpu paired persistent": {"paired": True, "ctas": "sms"}}
 
 
 def say(line: str = "") -> None:
@@ -134,10 +143,10 @@ def _check(smoke: bool):
             ke = jnp.where((row < pad) | (row >= t - 3), -1, ke)
         ref = reference.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), ks, ke,
                                   scale=q.shape[-1] ** -0.5)
-        for impl in ("pallas_gpu", "pallas_gpu persistent", "pallas_gpu triton", "cudnn"):
+        for impl in ("pallas_gpu", "pallas_gpu triton", "cudnn", *HOPPER):  # the variants new on a GPU last
             if (impl == "cudnn" and ragged) or impl in SKIP:
                 continue
-            if impl == "pallas_gpu persistent" and (dtype == jnp.float32 or jax.default_backend() == "cpu"):
+            if impl in HOPPER and (dtype == jnp.float32 or jax.default_backend() == "cpu"):
                 continue
             try:
                 out = jax.jit(functools.partial(_prefill_fn, impl=impl, ks=ks, ke=ke, window=window))(q, k, v)
@@ -213,11 +222,17 @@ def _prefill_fn(q, k, v, *, impl, ks, ke, window):
         from kernels import flash_gpu
         return flash_gpu.attention(q, k, v, ks, ke, scale=q.shape[-1] ** -0.5, mosaic=True, mosaic_backward=True,
                                    interpret=jax.default_backend() == "cpu")
-    if impl == "pallas_gpu persistent":  # the Hopper forward with one CTA per SM (forward only)
-        from kernels import flash_hopper
-        return flash_hopper.forward(q, k, v, ks, ke, scale=q.shape[-1] ** -0.5,
-                                    ctas=getattr(jax.devices()[0], "core_count", 132))[0]
+    if impl in HOPPER:  # a variant of the Hopper forward (forward only)
+        return hopper_forward(q, k, v, ks, ke, **HOPPER[impl])
     return kernels.attention(q, k, v, ks, ke, impl=impl, window=window)
+
+
+def hopper_forward(q, k, v, ks, ke, ctas=None, paired=False):
+    """flash_hopper.forward's output; ctas="sms": one CTA per SM of the device."""
+    from kernels import flash_hopper
+    if ctas == "sms":
+        ctas = getattr(jax.devices()[0], "core_count", 132)
+    return flash_hopper.forward(q, k, v, ks, ke, scale=q.shape[-1] ** -0.5, ctas=ctas, paired=paired)[0]
 
 
 def prefill(smoke: bool, bw: float, rate: float):
@@ -235,22 +250,22 @@ def prefill(smoke: bool, bw: float, rate: float):
             floor = max(flops / rate, nbytes / bw)
             dout = jax.random.normal(jax.random.key(1), q.shape, jnp.bfloat16)
             name = f"prefill T={t} {'local W=' + str(window) if window else 'global'}"
-            for impl in ("pallas_gpu", "pallas_gpu persistent", "pallas_gpu hopper bwd", "pallas_gpu triton", "cudnn",
-                         "xla"):
-                hopper_only = impl in ("pallas_gpu persistent", "pallas_gpu hopper bwd")
+            for impl in ("pallas_gpu", *HOPPER, "pallas_gpu hopper bwd", "pallas_gpu triton", "cudnn", "xla"):
+                hopper_only = impl in HOPPER or impl == "pallas_gpu hopper bwd"
                 if impl in SKIP or (hopper_only and jax.default_backend() == "cpu"):
                     continue
                 if impl == "xla" and window is None and t > 8192:
                     say(f"{name:28s} {impl:17s} skipped (its T x T scores exceed memory)")
                     continue
                 f = jax.jit(functools.partial(_prefill_fn, impl=impl, ks=ks, ke=ke, window=window))
-                fb = None if impl == "pallas_gpu persistent" else jax.jit(jax.grad(  # persistent: forward only
+                fb = None if impl in HOPPER else jax.jit(jax.grad(  # the variants: forward only
                     lambda q, k, v, f=f: jnp.sum(f(q, k, v).astype(jnp.float32) * dout), argnums=(0, 1, 2)))
                 time_row(name, impl, f, fb, (q, k, v), flops, floor)
 
 
-def time_row(name: str, impl: str, f, fb, args, flops: float, floor: float, reps: int = 10) -> None:
-    """Times forward f (and forward+backward fb unless None) on args; prints a line and adds a table row."""
+def time_row(name: str, impl: str, f, fb, args, flops: float, floor: float, reps: int = 10) -> float | None:
+    """Times forward f (and forward+backward fb unless None) on args; prints a line and adds a table row.
+    Returns the forward's seconds (None if it failed)."""
     try:
         tf = bench(f, *args, reps=reps)
         tbs = "(forward only)"
@@ -263,9 +278,81 @@ def time_row(name: str, impl: str, f, fb, args, flops: float, floor: float, reps
             f"fwd floor {floor * 1e3:.3f} ms ({flops / tf / 1e12:.0f} TFLOP/s)")
         ROWS.append(f"| {name} | {impl} | {tf * 1e3:.3f} | {tbs.replace(' ms', '')} | "
                     f"{floor * 1e3:.3f} | {flops / tf / 1e12:.0f} |")
+        return tf
     except Exception as e:  # noqa: BLE001
         say(f"{name:28s} {impl:17s} FAILED {type(e).__name__}: {e}"[:400])
         ROWS.append(f"| {name} | {impl} | failed | | {floor * 1e3:.3f} | |")
+        return None
+
+
+def local_case(smoke: bool, window: int | None = None):
+    """The issue's target case, T = 32K, B = 1, 8 q / 4 kv heads, H = 256, bf16 (toy sizes with --smoke):
+    (q, k, v), (k_start, k_end), window, visible-pair FLOPs."""
+    n, kvh, h, w, t = (8, 4, 64, 64, 512) if smoke else (8, 4, 256, 1024, 32768)
+    w = window or w
+    q, k, v = qkv(jax.random.key(t), 1, t, t, n, kvh, h, jnp.bfloat16)
+    return (q, k, v), band(1, t, w), w, 4 * n * h * (t * w - w * w // 2)
+
+
+def forward_impls():
+    """The forward impls the target and anatomy sections time: the Hopper ones on a GPU, and cudnn."""
+    hopper = ("pallas_gpu", *HOPPER) if jax.default_backend() != "cpu" else ("pallas_gpu",)
+    return [impl for impl in (*hopper, "cudnn") if impl not in SKIP]
+
+
+def target(smoke: bool, bw: float, rate: float):
+    """T = 32K, W = 1024 forward: every Hopper variant and cudnn, one after the other, twice (cudnn's time
+    has moved by 25% between runs: the ratio is quoted from the same round)."""
+    args, (ks, ke), w, flops = local_case(smoke)
+    nbytes = 2 * sum(x.size for x in args) + 2 * args[0].size
+    for rnd in range(2):
+        times = {}
+        for impl in forward_impls():
+            f = jax.jit(functools.partial(_prefill_fn, impl=impl, ks=ks, ke=ke, window=w))
+            times[impl] = time_row(f"target T={args[0].shape[1]} W={w} round {rnd}", impl, f, None, args, flops,
+                                   max(flops / rate, nbytes / bw))
+        if times.get("cudnn"):
+            say(f"target round {rnd}, speed vs cudnn (target 1.5x): " + ", ".join(
+                f"{impl} {times['cudnn'] / sec:.2f}x" for impl, sec in times.items() if sec and impl != "cudnn"))
+
+
+def anatomy(smoke: bool, rate: float):
+    """Per variant, time vs key blocks streamed at several windows: per-block and per-tile costs."""
+    from kernels import flash_hopper
+
+    windows = (32, 64, 128) if smoke else (512, 1024, 2048, 4096)
+    sms = getattr(jax.devices()[0], "core_count", 132)
+    for impl in forward_impls():
+        points = []
+        for window in windows:
+            args, (ks, ke), w, flops = local_case(smoke, window)
+            b, t, n = args[0].shape[:3]
+            f = jax.jit(functools.partial(_prefill_fn, impl=impl, ks=ks, ke=ke, window=w))
+            try:
+                sec = bench(f, *args, reps=10)
+            except Exception as e:  # noqa: BLE001
+                say(f"anatomy {impl} W={w}: FAILED {type(e).__name__}: {e}"[:400])
+                break
+            paired = HOPPER.get(impl, {}).get("paired", False)
+            meta = np.asarray(flash_hopper.tile_meta(ks, ke, flash_hopper.BLOCK_Q, flash_hopper.BLOCK_K, paired=paired))
+            tiles = b * (n // 2 if paired else n) * meta.shape[2]  # work items
+            steps = int(np.sum(meta[:, 1] - meta[:, 0])) * (n // 2 if paired else n)  # K/V blocks streamed
+            points.append((steps, tiles, sec))
+            say(f"anatomy {impl:28s} W={w:5d}: {sec * 1e3:7.3f} ms  {flops / sec / 1e12:4.0f} TFLOP/s"
+                + ("" if impl == "cudnn" else f"  {steps} K/V blocks streamed over {tiles} tiles"))
+        if len(points) >= 2 and impl != "cudnn":
+            x = np.array([p[0] for p in points], np.float64)
+            y = np.array([p[2] for p in points], np.float64)
+            slope, intercept = np.polyfit(x, y, 1)
+            per_sm_block = slope * sms  # seconds one SM spends per block (both warpgroups' rows)
+            say(f"anatomy {impl:28s} fit: {per_sm_block * 1e6:.2f} us per block per SM "
+                f"({4 * 2 * flash_hopper.BLOCK_Q * flash_hopper.BLOCK_K * args[0].shape[-1] / per_sm_block / 1e12 * sms:.0f} "
+                f"TFLOP/s of hull work across {sms} SMs), fixed {intercept * 1e6:.1f} us "
+                f"= {intercept * sms / points[0][1] * 1e6:.2f} us per tile per SM")
+    # the XLA work outside the kernel: the tile table from the intervals
+    args, (ks, ke), w, _ = local_case(smoke)
+    meta = jax.jit(lambda ks, ke: flash_hopper.tile_meta(ks, ke, flash_hopper.BLOCK_Q, flash_hopper.BLOCK_K))
+    say(f"anatomy tile_meta alone (T={args[0].shape[1]}): {bench(meta, ks, ke) * 1e6:.1f} us")
 
 
 SWEEP = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 2), (128, 128, 8, 2),
@@ -348,14 +435,20 @@ def main():
         try:
             if section == "sweep":
                 sweep(args.smoke, rate)
+            elif section == "target":
+                target(args.smoke, bw, rate)
+            elif section == "anatomy":
+                anatomy(args.smoke, rate)
             elif section == "ceilings":
                 bw, rate = ceilings(not args.smoke)
             elif section == "check":
                 check(args.smoke)
             elif section == "prefill":
                 prefill(args.smoke, bw, rate)
-            else:
+            elif section == "decode":
                 decode(args.smoke, bw)
+            else:
+                say(f"unknown section {section}")
         except Exception:  # noqa: BLE001
             say(f"section {section} FAILED:\n{traceback.format_exc()[-1500:]}")
         say(f"[{section} done at {time.time() - t0:.0f} s]")

@@ -1,18 +1,25 @@
 #!/bin/bash
 # One lent-GPU session's attention checks and timings (benchmarks/gpu_attention.py), each part under a
-# time limit so a hung kernel costs its part only; logs go to $OUT (default .).
-# 1. the GPU-verified paths' checks; 2. the checks of the variants not yet run on a GPU (persistent
-# forward, Hopper backward); 3. timings, leaving out whatever did not pass its check.
+# time limit so a hung kernel costs its part only; logs go to $OUT (default .). At most ~590 s in all.
+# 1. the GPU-verified paths' checks; 2. the checks of the variants not yet run on a GPU (the Hopper
+# forward's persistent / paired variants, the Hopper backward); 3. the issue's target case and the
+# anatomy of the Hopper forward; 4. the whole prefill and decode tables. 3 and 4 leave out whatever did
+# not pass its check.
 # Usage, from the repo root on the GPU machine: bash benchmarks/gpu_run.sh [extra sections, e.g. sweep]
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-.}
-NEW="pallas_gpu persistent,pallas_gpu hopper bwd"
-timeout 170 python3 benchmarks/gpu_attention.py --sections ceilings,check --skip "$NEW" --out "$OUT" 2>&1 | tee "$OUT/check.log"
+NEW="pallas_gpu persistent,pallas_gpu paired,pallas_gpu paired persistent,pallas_gpu hopper bwd"
+timeout 150 python3 benchmarks/gpu_attention.py --sections ceilings,check --skip "$NEW" --out "$OUT" 2>&1 | tee "$OUT/check.log"
 timeout 120 python3 benchmarks/gpu_attention.py --sections check --skip "pallas_gpu triton,cudnn" --out "$OUT" 2>&1 | tee "$OUT/check_new.log"
 skip=""
-ok() { grep -q "^check $1.* ok$" "$2"; }  # a check line that ran and was within its bound
-ok "pallas_gpu        fwd  bfloat16 W=1024 ragged" "$OUT/check.log" || skip="pallas_gpu,"
-ok "pallas_gpu persistent fwd  bfloat16 W=1024 ragged" "$OUT/check_new.log" || skip="${skip}pallas_gpu persistent,"
-ok "pallas_gpu hopper bwd grad bfloat16" "$OUT/check_new.log" || skip="${skip}pallas_gpu hopper bwd,"
+ok() {  # a ragged bf16 check of impl $1 ran in log $3 and was within its bound
+  grep -Eq "^check $1 +$2 +bfloat16 W=1024 ragged: rel err .* ok$" "$3"
+}
+ok "pallas_gpu" fwd "$OUT/check.log" || skip="pallas_gpu,"
+for impl in "pallas_gpu persistent" "pallas_gpu paired" "pallas_gpu paired persistent"; do
+  ok "$impl" fwd "$OUT/check_new.log" || skip="${skip}${impl},"
+done
+ok "pallas_gpu hopper bwd" grad "$OUT/check_new.log" || skip="${skip}pallas_gpu hopper bwd,"
 echo "left out of the timings: ${skip:-nothing}"
-timeout 300 python3 benchmarks/gpu_attention.py --sections ceilings,prefill,decode${1:+,$1} --skip "$skip" --out "$OUT" 2>&1 | tee "$OUT/prefill.log"
+timeout 150 python3 benchmarks/gpu_attention.py --sections ceilings,target,anatomy --skip "$skip" --out "$OUT" 2>&1 | tee "$OUT/target.log"
+timeout 170 python3 benchmarks/gpu_attention.py --sections ceilings,prefill,decode${1:+,$1} --skip "$skip" --out "$OUT" 2>&1 | tee "$OUT/prefill.log"

@@ -52,6 +52,30 @@ def inside(k_start: jax.Array, k_end: jax.Array, k_pos: jax.Array, block_q: int,
     return (in_lo[:, :, None] <= all_lo[:, None, :]) & (all_hi[:, None, :] <= in_hi[:, :, None])
 
 
+def contiguous_ranges(k_start: jax.Array, k_end: jax.Array, block_q: int, block_k: int, key_blocks: int):
+    """first_last of `hulls`' meets and of `inside` along the key blocks when the keys sit at positions
+    0, 1, ... (k_pos = s, key_blocks * block_k of them), in O(T) instead of over a [B, T/bq, S/bk] table:
+    per query block of block_q rows the key blocks it meets, [first, last], and those inside every row's
+    interval, [in_first, in_last], int32 [B, T/bq] each, (0, -1) where there is none. Key block j holds
+    positions [j bk, j bk + bk - 1]: it meets [lo, hi] iff lo // bk <= j <= hi // bk, and it lies inside
+    [in_lo, in_hi] iff ceil(in_lo / bk) <= j <= (in_hi + 1) // bk - 1."""
+    b, t = k_start.shape
+    nonempty = k_start <= k_end
+    edge = key_blocks * block_k
+    # clipped to just outside the keys, where the block arithmetic cannot overflow int32
+    lo = jnp.clip(jnp.where(nonempty, k_start, BIG).reshape(b, t // block_q, block_q).min(-1), -block_k, edge)
+    hi = jnp.clip(jnp.where(nonempty, k_end, -BIG).reshape(b, t // block_q, block_q).max(-1), -block_k, edge)
+    in_lo = jnp.clip(k_start.reshape(b, t // block_q, block_q).max(-1), -block_k, edge)
+    in_hi = jnp.clip(k_end.reshape(b, t // block_q, block_q).min(-1), -block_k, edge)
+
+    def within(first, last):
+        first, last = jnp.maximum(first, 0), jnp.minimum(last, key_blocks - 1)
+        has = first <= last
+        return jnp.where(has, first, 0).astype(jnp.int32), jnp.where(has, last, -1).astype(jnp.int32)
+
+    return (*within(lo // block_k, hi // block_k), *within(-(-in_lo // block_k), (in_hi + 1) // block_k - 1))
+
+
 def split(first, last, in_first, in_last):
     """A loop over blocks [first, last] whose blocks [in_first, in_last] need no mask, as the three
     ranges (first, a, b, end): masked [first, a), unmasked [a, b), masked [b, end). Works on arrays

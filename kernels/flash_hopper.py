@@ -13,10 +13,12 @@ through a buffer of its own that the two warpgroups take in turns), with three w
   one producer warpgroup: streams the tile's K and V blocks by TMA into a ring of `stages` slots
     and refills a slot once both compute warpgroups have released it.
 The producer streams the key blocks of the tile's hull; each compute warpgroup computes those of its
-own rows' hull [first, end) (`blocks.hulls`, read as scalars from a small [B, 10, T / 2bq] table) and
-passes the others idle; the blocks in [a, b) lie inside every row's interval (`blocks.inside`) and
-skip the per-element mask. On a sliding window of W = 1024 with 64-key blocks that is 17 blocks per
-warpgroup of which 2 masked, against 18 and 4 for the 128-row tile as a whole.
+own rows' hull [first, end) (read as scalars from a small [B, 10, tiles] table that
+`blocks.contiguous_ranges` derives from the intervals in O(T)) and passes the others idle; the blocks
+in [a, b) lie inside every row's interval and skip the per-element mask. On a sliding window of
+W = 1024 with 64-key blocks that is 17 blocks per warpgroup of which 2 masked, against 18 and 4 for
+the 128-row tile as a whole. Paired (an option for GQA), a tile is bq rows of two q heads of one kv
+head instead, a head per warpgroup: one hull, no idle block, each K/V block streamed serving 2 bq rows.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class _Config:
     groups: int  # q heads per kv head
     ctas: int  # CTAs launched; each serves work items cta, cta + ctas, ... of B * N * T / TILE
     persistent: bool  # ctas < items: Q of the next item streams in while the current one ends
+    paired: bool = False  # a tile is block_q rows of two q heads of one kv head, a head per warpgroup
     block_q: int = BLOCK_Q
     block_k: int = BLOCK_K
     stages: int = STAGES
@@ -76,22 +79,23 @@ def on_hopper() -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
-def tile_meta(k_start, k_end, k_pos, block_q: int, block_k: int) -> jax.Array:
-    """int32 [B, 10, T / (2 block_q)]: per query tile (two warpgroups of block_q rows) the key blocks
-    [lo, hi) the producer streams (rows 0, 1), and for warpgroup w (rows 2 + 4w ...) the blocks of its
-    own hull within them, (first, a, b, end): masked [first, a), unmasked [a, b) (inside every row's
-    interval), masked [b, end). The warpgroup passes the blocks of [lo, hi) outside [first, end) idle."""
-    *_, meets = blocks.hulls(k_start, k_end, k_pos, block_q, block_k)
-    first, last = blocks.first_last(meets, axis=2)
-    in_first, in_last = blocks.first_last(blocks.inside(k_start, k_end, k_pos, block_q, block_k), axis=2)
-    bsz = k_start.shape[0]
-    own = [x.reshape(bsz, -1, 2) for x in blocks.split(first, last, in_first, in_last)]  # [B, tiles, wg]
+def tile_meta(k_start, k_end, block_q: int, block_k: int, *, paired: bool = False) -> jax.Array:
+    """int32 [B, 10, tiles]: per query tile of the two compute warpgroups the key blocks [lo, hi) the
+    producer streams (rows 0, 1), and for warpgroup w (rows 2 + 4w ...) the blocks of its own hull
+    within them, (first, a, b, end): masked [first, a), unmasked [a, b) (inside every row's interval),
+    masked [b, end). The warpgroup passes the blocks of [lo, hi) outside [first, end) idle. Keys sit at
+    positions 0 .. T-1. A tile is 2 block_q rows (the warpgroups take one half each), or, paired,
+    block_q rows that both warpgroups take (for two q heads): then both hulls are the tile's."""
+    bsz, t = k_start.shape
+    ranges = blocks.contiguous_ranges(k_start, k_end, block_q, block_k, t // block_k)
+    own = [x.reshape(bsz, -1, 1 if paired else 2) for x in blocks.split(*ranges)]  # [B, tiles, row groups]
     busy = own[3] > own[0]
     lo = jnp.where(busy, own[0], blocks.BIG).min(-1)
     hi = jnp.where(busy, own[3], -blocks.BIG).max(-1)
     lo, hi = jnp.where(busy.any(-1), lo, 0), jnp.where(busy.any(-1), hi, 0)
-    own = [jnp.where(busy, x, lo[..., None]) for x in own]  # an idle warpgroup: [lo, lo)
-    return jnp.stack([lo, hi, *(x[..., w] for w in range(2) for x in own)], axis=1).astype(jnp.int32)
+    own = [jnp.where(busy, x, lo[..., None]) for x in own]  # an idle row group: [lo, lo)
+    wg_rows = [x[..., min(w, x.shape[-1] - 1)] for w in range(2) for x in own]
+    return jnp.stack([lo, hi, *wg_rows], axis=1).astype(jnp.int32)
 
 
 def _load_row(ref, i, layout):
@@ -172,14 +176,19 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scope
     k_released, v_released = released
     bq, bk, stages = cfg.block_q, cfg.block_k, cfg.stages
     batch, heads, tiles = meta_ref.shape[0], q_ref.shape[2], meta_ref.shape[2]
+    units = heads // 2 if cfg.paired else heads  # head pairs, or heads, per row tile
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
-    my_items = lax.div(batch * heads * tiles - cta + cfg.ctas - 1, jnp.int32(cfg.ctas))
+    my_items = lax.div(batch * units * tiles - cta + cfg.ctas - 1, jnp.int32(cfg.ctas))
 
     def item(j):
-        """Work item j of this CTA: (b, n, tile, lo, hi)."""
-        b, n, tile = _work_item(cta + j * cfg.ctas, heads, tiles)
-        return b, n, tile, meta_ref[b, 0, tile], meta_ref[b, 1, tile]
+        """Work item j of this CTA: (b, n, tile, lo, hi); paired, n is the pair's first q head."""
+        b, n, tile = _work_item(cta + j * cfg.ctas, units, tiles)
+        return b, n * 2 if cfg.paired else n, tile, meta_ref[b, 0, tile], meta_ref[b, 1, tile]
+
+    def rows_of(tile):
+        """(q head offset within the item, first row) of this warpgroup's part of a tile."""
+        return (wg, tile * bq) if cfg.paired else (0, tile * (2 * bq) + wg * bq)
 
     def slot_of(g):
         return lax.rem(g, jnp.int32(stages))
@@ -198,8 +207,8 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scope
         def fetch(j):
             """Issues the loads of item j's Q rows and their intervals (this warpgroup's bq rows)."""
             b, n, tile, *_ = item(j)
-            row0 = tile * (2 * bq) + wg * bq
-            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), n], q_smem, q_loaded.at[wg])
+            dn, row0 = rows_of(tile)
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), n + dn], q_smem, q_loaded.at[wg])
             plgpu.copy_gmem_to_smem(ks_ref.at[b, pl.ds(row0, bq)], rows_smem.at[wg, 0], ks_loaded.at[wg])
             plgpu.copy_gmem_to_smem(ke_ref.at[b, pl.ds(row0, bq)], rows_smem.at[wg, 1], ke_loaded.at[wg])
 
@@ -208,7 +217,7 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scope
             b, n, tile, lo, hi = item(j)
             first, a, b_, end = (meta_ref[b, 2 + 4 * wg + r, tile] for r in range(4))  # this warpgroup's
             steps = hi - lo
-            row0 = tile * (2 * bq) + wg * bq
+            dn, row0 = rows_of(tile)
             if not cfg.persistent:
                 fetch(j)
 
@@ -288,8 +297,8 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scope
             o_smem[...] = out
             lse_smem[...] = jnp.where(empty, 0.0, m + jnp.log2(l_safe))
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(row0, bq), n])
-            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, n, pl.ds(row0, bq)])
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(row0, bq), n + dn])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, n + dn, pl.ds(row0, bq)])
             if cfg.persistent:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the buffers are read: the other may write
                 plgpu.barrier_arrive(o_free.at[1 - wg])
@@ -326,23 +335,30 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scope
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
 
 
-def forward(q, k, v, k_start, k_end, *, scale: float, ctas: int | None = None, interpret: bool = False):
+def forward(q, k, v, k_start, k_end, *, scale: float, ctas: int | None = None, paired: bool = False,
+            interpret: bool = False):
     """q, k, v [B, T, N|K, H] (T a multiple of 2 * BLOCK_Q), k_start, k_end [B, T] int32 ->
     (o [B, T, N, H], lse [B, N, T] f32 in log2 units; 0 for rows that see nothing).
 
     ctas: CTAs to launch. Default: one per work item (a query tile of one head). Fewer makes the
     kernel persistent: a CTA serves several items, its producer streams the next item's K/V and
     its compute warpgroups the next Q while they finish the current one (the number of SMs is the
-    natural choice). interpret: run in Mosaic GPU interpret mode, with its race detector on.
+    natural choice). paired: a tile is BLOCK_Q rows of two q heads of one kv head (the group size
+    must be even), a head per compute warpgroup: both warpgroups then share one hull, with no idle
+    steps, and each K/V block streamed serves twice the rows. interpret: run in Mosaic GPU interpret
+    mode, with its race detector on.
     """
     bsz, t, n, h = q.shape
+    groups = n // k.shape[2]
     if t % TILE:
         raise ValueError(f"flash_hopper.forward needs T a multiple of {TILE}; got {t}")
-    items = bsz * n * (t // TILE)
+    if paired and groups % 2:
+        raise ValueError(f"paired=True needs an even number of q heads per kv head; got {groups}")
+    items = bsz * n * (t // TILE)  # paired: B x N/2 head pairs x T/BLOCK_Q tiles, as many
     ctas = min(ctas or items, items)
-    cfg = _Config(scale=float(scale), groups=n // k.shape[2], ctas=ctas, persistent=ctas < items, interpret=interpret)
-    k_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (bsz, t))
-    meta = tile_meta(k_start, k_end, k_pos, cfg.block_q, cfg.block_k)
+    cfg = _Config(scale=float(scale), groups=groups, ctas=ctas, persistent=ctas < items, paired=paired,
+                  interpret=interpret)
+    meta = tile_meta(k_start, k_end, cfg.block_q, cfg.block_k, paired=cfg.paired)
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
     def entry(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):

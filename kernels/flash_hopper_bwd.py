@@ -312,7 +312,7 @@ def backward(q, k, v, o, lse, do, k_start, k_end, *, scale: float, interpret: bo
             collective_axes="wg",
         )
 
-    qmeta = tile_meta(k_start, k_end, k_pos, BLOCK, DQ_BLOCK_K)
+    qmeta = tile_meta(k_start, k_end, BLOCK, DQ_BLOCK_K)
     dq = plgpu.kernel(
         dq_entry,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),

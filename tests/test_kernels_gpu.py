@@ -316,13 +316,15 @@ def test_hopper_backward_lowers_for_cuda_at_production_shapes(t, h, dtype):
     assert f"{t}x{t}" not in hlo, "a T x S array was materialized"
 
 
-def test_persistent_hopper_forward_lowers_within_shared_memory():
+@pytest.mark.parametrize("paired", [False, True])
+def test_persistent_hopper_forward_lowers_within_shared_memory(paired):
     """The persistent Hopper forward (one CTA per SM of an H200) at H = 256 keeps a second O buffer
-    beside Q and the K/V ring: 224 KB. Mosaic GPU checks the 227 KB bound while lowering."""
+    beside Q and the K/V ring: 224 KB. Mosaic GPU checks the 227 KB bound while lowering. Also with
+    paired tiles (two q heads per tile), which index Q, O and the logsumexp by warpgroup."""
     b, t, n, kv_heads, h = 1, 32768, 8, 4, 256
     sds = jax.ShapeDtypeStruct
     q, kv, rows = sds((b, t, n, h), jnp.bfloat16), sds((b, t, kv_heads, h), jnp.bfloat16), sds((b, t), jnp.int32)
-    fwd = functools.partial(flash_hopper.forward, scale=h**-0.5, ctas=132)
+    fwd = functools.partial(flash_hopper.forward, scale=h**-0.5, ctas=132, paired=paired)
     hlo = lower_for_h200(fwd, q, kv, kv, rows, rows)
     assert hlo.count("@mosaic_gpu") == 1
 

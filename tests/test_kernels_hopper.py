@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import flash_gpu, flash_hopper, flash_hopper_bwd, reference
+from kernels import blocks, flash_gpu, flash_hopper, flash_hopper_bwd, reference
 
 ON_HOPPER = flash_hopper.on_hopper()
 JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:2])
@@ -61,24 +61,28 @@ def ref_and_lse(q, k, v, k_start, k_end, scale):
     return np.asarray(out), np.where(visible.any(-1)[:, None], lse, 0.0)
 
 
-CASES = {  # b, t, (q heads, kv heads), h, window, left padding per row, dtype, CTAs (None: one per item)
-    "gqa_4_2_ragged": (2, 256, (4, 2), 64, 50, [0, 70], jnp.bfloat16, None),
-    "window_1_empty_tile": (1, 384, (2, 1), 128, 1, [200], jnp.bfloat16, None),  # rows 0..127: no keys
-    "causal_8_4_f16": (1, 256, (8, 4), 64, 1000, [0], jnp.float16, None),  # window >= T
-    "head_dim_256_odd_window": (1, 128, (2, 1), 256, 37, [3], jnp.bfloat16, None),
+CASES = {  # b, t, (q heads, kv heads), h, window, left padding per row, dtype, forward options
+    "gqa_4_2_ragged": (2, 256, (4, 2), 64, 50, [0, 70], jnp.bfloat16, {}),
+    "window_1_empty_tile": (1, 384, (2, 1), 128, 1, [200], jnp.bfloat16, {}),  # rows 0..127: no keys
+    "causal_8_4_f16": (1, 256, (8, 4), 64, 1000, [0], jnp.float16, {}),  # window >= T
+    "head_dim_256_odd_window": (1, 128, (2, 1), 256, 37, [3], jnp.bfloat16, {}),
     # persistent: 3 CTAs over 12 items of unequal length, one with no key block, the K/V ring running on
-    "persistent_3_ctas": (2, 384, (2, 1), 64, 100, [0, 200], jnp.bfloat16, 3),
-    "persistent_head_dim_256": (1, 512, (2, 1), 256, 150, [0], jnp.bfloat16, 3),  # the SMEM-full shape
+    "persistent_3_ctas": (2, 384, (2, 1), 64, 100, [0, 200], jnp.bfloat16, {"ctas": 3}),
+    "persistent_head_dim_256": (1, 512, (2, 1), 256, 150, [0], jnp.bfloat16, {"ctas": 3}),  # the SMEM-full shape
+    # paired: a warpgroup per q head of a pair (heads 0, 1 and 2, 3 of kv heads 0 and 1), 64-row tiles
+    "paired_gqa_4_2_ragged": (2, 256, (4, 2), 64, 50, [0, 70], jnp.bfloat16, {"paired": True}),
+    # paired and persistent, group of 4 (two pairs per kv head), rows 0..149 padding: tiles with no key
+    "paired_persistent_4_1": (1, 384, (4, 1), 128, 90, [150], jnp.bfloat16, {"paired": True, "ctas": 5}),
 }
 
 
 @needs_interpreter
 @pytest.mark.parametrize("name", CASES)
 def test_forward_and_logsumexp_match_reference(name):
-    b, t, (heads, kv_heads), h, window, pad, dtype, ctas = CASES[name]
+    b, t, (heads, kv_heads), h, window, pad, dtype, options = CASES[name]
     q, k, v, ks, ke = inputs(1, b, t, heads, kv_heads, h, window, pad, dtype)
     scale = h**-0.5
-    out, lse = run_eagerly(lambda *a: flash_hopper.forward(*a, scale=scale, ctas=ctas, interpret=not ON_HOPPER),
+    out, lse = run_eagerly(lambda *a: flash_hopper.forward(*a, scale=scale, interpret=not ON_HOPPER, **options),
                            q, k, v, ks, ke)
     ref, ref_lse = ref_and_lse(q, k, v, ks, ke, scale)
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=2e-2, rtol=0)
@@ -130,7 +134,7 @@ def reference_grads(q, k, v, k_start, k_end, dout, scale):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case[-1] is None])
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if not case[-1]])
 def test_backward_matches_reference_gradients(name):
     """flash_hopper_bwd.backward from the Hopper forward's output and logsumexp: dq (the forward's
     tiles, key blocks of 32), dk and dv (a key block per CTA, every q head of its group, the query
@@ -216,13 +220,63 @@ def test_serves_only_the_prefill_shape():
                             scale=0.1, mosaic=True, interpret=True)
 
 
+def test_contiguous_ranges_match_the_block_tables():
+    """blocks.contiguous_ranges (O(T) arithmetic, keys at 0 .. S-1) equals first_last over the [T/bq, S/bk]
+    tables of blocks.hulls and blocks.inside it replaces, on random intervals: empty rows, starts below 0,
+    ends past the last key, whole blocks empty, int32 extremes."""
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        bq, bk = (64, 64) if trial % 3 else (32, 128)
+        t = int(rng.choice([256, 512]))
+        ks = rng.integers(-300, t + 100, (2, t))
+        ke = ks + rng.integers(-40, 400, (2, t))
+        if trial % 4 == 0:  # windows, left padding, a batch of nothing but padding
+            pos = np.arange(t)
+            ks = np.maximum(pos - rng.integers(1, 300), 0) + 0 * ks
+            ke = np.where(pos < rng.integers(0, t, (2, 1)), -1, pos)
+            ke[1] = -1
+        if trial % 4 == 1:  # bidirectional segments with ends on, next to and off block edges
+            bounds = np.unique(np.concatenate([[0, t], rng.choice(np.arange(32, t, 32), 6) + rng.integers(-1, 2, 6)]))
+            seg = np.searchsorted(bounds, np.arange(t), side="right") - 1
+            ks, ke = np.tile(bounds[seg] - rng.integers(0, 2) * 64, (2, 1)), np.tile(bounds[seg + 1] - 1, (2, 1))
+        if trial % 5 == 0:  # extreme ends
+            ks[0, :7] = np.iinfo(np.int32).min
+            ke[0, :3] = np.iinfo(np.int32).max * (trial % 2)
+            ke[0, 3:bq] = np.iinfo(np.int32).max  # a whole query block but for rows 0..2
+        ks, ke = jnp.asarray(ks, jnp.int32), jnp.asarray(np.clip(ke, -2**31, 2**31 - 1), jnp.int32)
+        k_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
+        *_, meets = blocks.hulls(ks, ke, k_pos, bq, bk)
+        want = (*blocks.first_last(meets, axis=2), *blocks.first_last(blocks.inside(ks, ke, k_pos, bq, bk), axis=2))
+        got = blocks.contiguous_ranges(ks, ke, bq, bk, t // bk)
+        for name, g, w in zip(("first", "last", "in_first", "in_last"), got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f"trial {trial}: {name}")
+
+
+def test_paired_tile_meta_gives_both_warpgroups_the_tile():
+    """paired: 64-row tiles, both warpgroups' hulls equal the tile's [lo, hi) (no idle block); unpaired
+    128-row tiles' warpgroup rows are the paired tiles' hulls, two by two."""
+    t, w = 512, 100
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    ks, ke = jnp.maximum(pos - w + 1, 0), pos
+    paired = np.asarray(flash_hopper.tile_meta(ks, ke, 64, 64, paired=True))[0]
+    unpaired = np.asarray(flash_hopper.tile_meta(ks, ke, 64, 64))[0]
+    assert paired.shape == (10, t // 64) and unpaired.shape == (10, t // 128)
+    np.testing.assert_array_equal(paired[2:6], paired[6:10])
+    np.testing.assert_array_equal(paired[2], paired[0]), np.testing.assert_array_equal(paired[5], paired[1])
+    np.testing.assert_array_equal(unpaired[2:6], paired[2:6, 0::2])
+    np.testing.assert_array_equal(unpaired[6:10], paired[2:6, 1::2])
+    with pytest.raises(ValueError, match="even number of q heads"):
+        flash_hopper.forward(*(jnp.zeros((1, 128, n, 64), jnp.bfloat16) for n in (3, 1, 1)), ks[:, :128], ke[:, :128],
+                             scale=0.1, paired=True, interpret=True)
+
+
 def test_tile_meta_splits_the_band():
     """T = 512, W = 100, 64-row warpgroups, 64-key blocks: rows [64 h, 64 h + 63] see keys
     [64 h - 99, 64 h + 63], blocks max(h - 2, 0) .. h (h - 1 from h = 2 on: 64 h - 99 >= 64 (h - 2) + 29);
     a 128-row tile streams the union of its two warpgroups' hulls."""
     t, w = 512, 100
     pos = jnp.arange(t, dtype=jnp.int32)[None]
-    lo, hi, *own = np.asarray(flash_hopper.tile_meta(jnp.maximum(pos - w + 1, 0), pos, pos, 64, 64))[0]
+    lo, hi, *own = np.asarray(flash_hopper.tile_meta(jnp.maximum(pos - w + 1, 0), pos, 64, 64))[0]
     np.testing.assert_array_equal(lo, [0, 0, 2, 4])
     np.testing.assert_array_equal(hi, [2, 4, 6, 8])
     (first0, a0, b0, end0), (first1, a1, b1, end1) = own[:4], own[4:]
@@ -233,10 +287,10 @@ def test_tile_meta_splits_the_band():
     # every row of a warpgroup sees at most [64 h + 63 - 99, 64 h]: 36 keys, no whole block
     np.testing.assert_array_equal(a0, end0), np.testing.assert_array_equal(b0, end0)
     np.testing.assert_array_equal(a1, end1), np.testing.assert_array_equal(b1, end1)
-    wide = np.asarray(flash_hopper.tile_meta(jnp.maximum(pos - 400 + 1, 0), pos, pos, 64, 64))[0]
+    wide = np.asarray(flash_hopper.tile_meta(jnp.maximum(pos - 400 + 1, 0), pos, 64, 64))[0]
     # W = 400, rows 384..447 all see [48, 384]: blocks 1..5 whole; rows 448..511 [112, 448]: blocks 2..6
     assert tuple(wide[:, 3]) == (0, 8, 0, 1, 6, 7, 0, 2, 7, 8)
     # padding rows 0..99: the tile of rows 0..127 has an idle upper warpgroup, [lo, lo)
     ks, ke = jnp.maximum(pos - w + 1, 100), jnp.where(pos < 100, -1, pos)
-    padded = np.asarray(flash_hopper.tile_meta(ks, ke, pos, 64, 64))[0]
+    padded = np.asarray(flash_hopper.tile_meta(ks, ke, 64, 64))[0]
     assert tuple(padded[:, 0]) == (1, 2, 1, 1, 1, 1, 1, 2, 2, 2)
