@@ -9,7 +9,8 @@ Not collected by pytest (too slow for CI: each case compiles anew); run by hand 
 
 Cases draw batch, heads (GQA groups of 1-4), head_dim, T, S and one of: arbitrary per-row intervals
 (some empty), windows with lookahead past the row (image blocks), packed causal segments; caches get
-shuffled positions with NaN-poisoned empty slots. Tolerances: f32 2e-5 (outputs) and 1e-4 (gradients)
+shuffled positions with NaN-poisoned empty slots; the Hopper forward draws its options (paired tiles,
+persistent CTAs). Tolerances: f32 2e-5 (outputs) and 1e-4 (gradients)
 of the reference's scale; bf16 2e-2 (outputs) and 5e-2 (gradients). Prints each failure and a count.
 """
 
@@ -64,8 +65,13 @@ def case(rng, hopper: bool):
         k_pos = np.stack([rng.permutation(s) for _ in range(b)])
         k_pos[rng.random((b, s)) < 0.2] = blocks.EMPTY
     softcap = None if hopper or rng.random() < 0.7 else float(rng.uniform(2, 30))
+    options = {}  # the Hopper forward's: paired tiles (an even group), persistent CTAs
+    if hopper and (n // kv) % 2 == 0 and rng.random() < 0.5:
+        options["paired"] = True
+    if hopper and rng.random() < 0.5:
+        options["ctas"] = int(rng.integers(1, b * n * t // 128 + 1))
     return dict(b=b, t=t, s=s, n=n, kv=kv, h=h, ks=np.asarray(ks, np.int32), ke=np.asarray(ke, np.int32),
-                k_pos=None if k_pos is None else np.asarray(k_pos, np.int32), softcap=softcap)
+                k_pos=None if k_pos is None else np.asarray(k_pos, np.int32), softcap=softcap, options=options)
 
 
 def arrays(c, seed, dtype):
@@ -128,7 +134,7 @@ def hopper(c, seed):
     q, k, v, dout = arrays(c, seed, jnp.bfloat16)
     scale = c["h"] ** -0.5
     with jax.disable_jit():  # the interpreter's warpgroups starve each other inside an outer jit on 2 cores
-        o, lse = flash_hopper.forward(q, k, v, c["ks"], c["ke"], scale=scale, interpret=True)
+        o, lse = flash_hopper.forward(q, k, v, c["ks"], c["ke"], scale=scale, interpret=True, **c["options"])
         got = flash_hopper_bwd.backward(q, k, v, o, lse, dout, c["ks"], c["ke"], scale=scale, interpret=True)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, dout)]
     want_o = attend("xla", c, poison=False)(*f32[:3])
