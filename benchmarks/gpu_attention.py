@@ -6,12 +6,13 @@ Run on a lent H100/H200 from the repo root:  python3 benchmarks/gpu_attention.py
 Sections (each guarded, so one failure does not hide the rest):
   ceilings  device copy bandwidth (bytes read + written) and bf16 matmul rate, measured here
   check     our kernels vs kernels.reference on random inputs: ||out - ref|| / ||ref||
-  prefill   T = 8K, 32K; 8 q / 4 kv heads; head_dim 256; W = 1024; bf16; local and global layers:
+  prefill   T = 32K, 8K; 8 q / 4 kv heads; head_dim 256; W = 1024; bf16; local and global layers:
             pallas_gpu vs cudnn vs xla (banded for local layers); forward and forward+backward.
             On a Hopper GPU pallas_gpu's forward is flash_hopper's; its variants (forward only, HOPPER):
             "persistent" (one CTA per SM), "paired" (a tile of 64 rows of two q heads of one kv
             head), "paired persistent"; "pallas_gpu hopper bwd" adds the Hopper backward
-            (flash_hopper_bwd), "pallas_gpu triton" is the Triton forward and backward
+            (flash_hopper_bwd), "pallas_gpu triton" is the Triton forward and backward; "auto" is the
+            default (on a Hopper GPU pallas_gpu's forward, differentiated through cuDNN on the band)
   decode    batch 8 over a 32K global cache and a 1024-slot ring: ours vs xla vs
             jax.experimental.pallas.ops.gpu.decode_attention.gqa; K/V bytes read per second
   target    the issue's target case alone: T = 32K, W = 1024 forward, every Hopper variant vs cudnn
@@ -155,7 +156,12 @@ def _check(smoke: bool):
                     f"rel err {err:.2e} {verdict([err], dtype)}")
             except Exception as e:  # noqa: BLE001
                 say(f"check {impl:17s} fwd  {jnp.dtype(dtype).name} W={window}: FAILED {type(e).__name__}: {e}"[:400])
-        if dtype == jnp.float32 or ragged:
+        grad_impls = {  # which impls' gradients this case checks
+            "pallas_gpu": dtype == jnp.float32 or ragged,
+            "pallas_gpu hopper bwd": dtype != jnp.float32 and ragged,
+            "auto": dtype != jnp.float32 and window is not None,  # Hopper: cuDNN on the band, ours if ragged
+        }
+        if any(grad_impls.values()):
             dout = jax.random.normal(key, q.shape, jnp.float32)
 
             def loss(q, k, v, impl):
@@ -165,8 +171,8 @@ def _check(smoke: bool):
 
             f32 = [x.astype(jnp.float32) for x in (q, k, v)]
             gref = jax.jit(jax.grad(lambda q, k, v: loss(q, k, v, "ref"), argnums=(0, 1, 2)))(*f32)
-            for impl in ("pallas_gpu", "pallas_gpu hopper bwd"):
-                if impl in SKIP or (impl == "pallas_gpu hopper bwd" and (dtype == jnp.float32 or not ragged)):
+            for impl, wanted in grad_impls.items():
+                if impl in SKIP or not wanted:
                     continue
                 try:
                     g = jax.jit(jax.grad(lambda q, k, v, impl=impl: loss(q, k, v, impl), argnums=(0, 1, 2)))(q, k, v)
@@ -237,7 +243,7 @@ def hopper_forward(q, k, v, ks, ke, ctas=None, paired=False):
 
 def prefill(smoke: bool, bw: float, rate: float):
     n, kvh, h, w = 8, 4, 256, 1024
-    lengths = (256, 512) if smoke else (8192, 32768)
+    lengths = (512, 256) if smoke else (32768, 8192)  # the target case first
     if smoke:
         h, w = 64, 64
     for t in lengths:
@@ -250,7 +256,7 @@ def prefill(smoke: bool, bw: float, rate: float):
             floor = max(flops / rate, nbytes / bw)
             dout = jax.random.normal(jax.random.key(1), q.shape, jnp.bfloat16)
             name = f"prefill T={t} {'local W=' + str(window) if window else 'global'}"
-            for impl in ("pallas_gpu", *HOPPER, "pallas_gpu hopper bwd", "pallas_gpu triton", "cudnn", "xla"):
+            for impl in ("pallas_gpu", *HOPPER, "pallas_gpu hopper bwd", "auto", "pallas_gpu triton", "cudnn", "xla"):
                 hopper_only = impl in HOPPER or impl == "pallas_gpu hopper bwd"
                 if impl in SKIP or (hopper_only and jax.default_backend() == "cpu"):
                     continue

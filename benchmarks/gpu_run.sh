@@ -12,7 +12,7 @@ OUT=${OUT:-.}
 bench=(${PYTHON:-python3} benchmarks/gpu_attention.py ${SMOKE:+--smoke} --out "$OUT")
 NEW="pallas_gpu persistent,pallas_gpu paired,pallas_gpu paired persistent,pallas_gpu hopper bwd"
 timeout 150 "${bench[@]}" --sections ceilings,check --skip "$NEW" 2>&1 | tee "$OUT/check.log"
-timeout 120 "${bench[@]}" --sections check --skip "pallas_gpu triton,cudnn" 2>&1 | tee "$OUT/check_new.log"
+timeout 120 "${bench[@]}" --sections check --skip "pallas_gpu triton,cudnn,auto" 2>&1 | tee "$OUT/check_new.log"
 skip=""
 ok() {  # a ragged bf16 check of impl $1 ran in log $3 and was within its bound
   grep -Eq "^check $1 +$2 +bfloat16 W=[0-9]+ ragged: rel err .* ok$" "$3"

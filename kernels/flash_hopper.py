@@ -302,15 +302,15 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scope
             if cfg.persistent:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the buffers are read: the other may write
                 plgpu.barrier_arrive(o_free.at[1 - wg])
-            else:
-                plgpu.wait_smem_to_gmem(0)
+            else:  # the kernel's end: SMEM must be read out; the writes land by the grid's end
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             return g0 + steps
 
         if cfg.persistent:
             fetch(0)
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
         if cfg.persistent:
-            plgpu.wait_smem_to_gmem(0)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == 2)
     def _produce():

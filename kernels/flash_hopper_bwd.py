@@ -119,7 +119,7 @@ def _dkdv_kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         buf[...] = acc.astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(buf, out_ref.at[keys])
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the kernel's end: SMEM read out suffices
 
     def compute(update, buf, out_ref, factor: float):
         """Runs this warpgroup's steps, acc = update(slot, P^T, acc), and writes factor * acc through buf."""
@@ -231,7 +231,7 @@ def _dq_kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d
         q_smem[...] = (acc * cfg.scale).astype(dtype)  # dQ leaves through Q's buffer
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, n])
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the kernel's end: SMEM read out suffices
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -196,3 +196,48 @@ def test_banded_xla_path_equals_reference():
     assert t >= kernels.BANDED_MIN_LEN * w  # the banded path ran
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0)
 
+
+
+def test_auto_on_hopper_trains_through_cudnn(monkeypatch):
+    """On a Hopper GPU (faked: on CPU cuDNN is jax.nn.dot_product_attention's XLA path and our kernels run
+    interpreted) "auto" takes pallas_gpu's forward when only the value is asked for, and cuDNN's forward
+    and backward under differentiation. Values and gradients equal the reference's, on the band and on
+    left-padded rows (not the band: `cudnn` takes its exact branch); impl="pallas_gpu" and f32 keep ours."""
+    from kernels import flash_gpu, flash_hopper, jax_ops, reference
+
+    monkeypatch.setattr(flash_hopper, "on_hopper", lambda: True)
+    resolve = kernels.resolve
+    monkeypatch.setattr(kernels, "resolve", lambda impl: "pallas_gpu" if impl == "auto" else resolve(impl))
+    calls = []
+    for module, name in ((jax_ops, "cudnn"), (flash_gpu, "attention")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
+    b, t, n, kv, h, w = 2, 64, 4, 2, 64, 24
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((b, t, n, h), (b, t, kv, h), (b, t, kv, h)))
+    dout = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+    pos = np.arange(t)[None]
+    for pad in ([0, 0], [0, 9]):  # the band; then 9 rows of left padding in the second sequence
+        ks = jnp.asarray(np.maximum(pos - w + 1, np.array(pad)[:, None]), jnp.int32)
+        ke = jnp.asarray(np.where(pos < np.array(pad)[:, None], -1, pos), jnp.int32)
+
+        def loss(f):
+            return lambda q, k, v: jnp.sum(f(q, k, v, ks, ke).astype(jnp.float32) * dout)
+
+        auto = lambda *a, impl="auto": kernels.attention(*a, impl=impl, window=w)  # noqa: E731
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        want = reference.attention(*f32, ks, ke, scale=h**-0.5)
+        with jax.default_matmul_precision("highest"):
+            want_grads = jax.grad(loss(lambda *a: reference.attention(*a, scale=h**-0.5)), (0, 1, 2))(*f32)
+        calls.clear()
+        np.testing.assert_allclose(np.asarray(auto(q, k, v, ks, ke), np.float32), want, atol=2e-2, rtol=0)
+        assert calls == ["attention"], calls  # inference: our kernel alone
+        calls.clear()
+        grads = jax.grad(loss(auto), (0, 1, 2))(q, k, v)
+        assert "cudnn" in calls, calls
+        for name, g, wg in zip("qkv", grads, want_grads):
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(wg), atol=5e-2, rtol=0, err_msg=f"d{name}")
+        calls.clear()
+        jax.grad(loss(lambda *a: auto(*a, impl="pallas_gpu")), (0, 1, 2))(q, k, v)
+        jax.grad(loss(auto), (0, 1, 2))(*f32)
+        assert "cudnn" not in calls, calls  # asked for by name, or f32: ours
