@@ -9,14 +9,15 @@ Sections (each guarded, so one failure does not hide the rest):
   prefill   T = 32K, 8K; 8 q / 4 kv heads; head_dim 256; W = 1024; bf16; local and global layers:
             pallas_gpu vs cudnn vs xla (banded for local layers); forward and forward+backward.
             On a Hopper GPU pallas_gpu's forward is flash_hopper's; its variants (forward only, HOPPER):
-            "persistent" (one CTA per SM), "paired" (a tile of 64 rows of two q heads of one kv
-            head), "paired persistent"; "pallas_gpu hopper bwd" adds the Hopper backward
+            "raw" (flash_hopper.forward called directly), "persistent" (one CTA per SM), "paired" (a
+            tile of 64 rows of two q heads of one kv head), "paired persistent"; "pallas_gpu hopper
+            bwd" adds the Hopper backward
             (flash_hopper_bwd), "pallas_gpu triton" is the Triton forward and backward; "auto" is the
             default (on a Hopper GPU pallas_gpu's forward, differentiated through cuDNN on the band)
   decode    batch 8 over a 32K global cache and a 1024-slot ring: ours vs xla vs
             jax.experimental.pallas.ops.gpu.decode_attention.gqa; K/V bytes read per second
   target    the issue's target case alone: T = 32K, W = 1024 forward, every Hopper variant vs cudnn
-  anatomy   the T = 32K local forward of each Hopper variant and cudnn at W = 512, 1024, 2048, 4096: a
+  anatomy   the T = 32K local forward of each Hopper variant and cudnn at W = 512, 1024, 2048: a
             least-squares line through time vs key blocks streamed splits each variant's time into a
             cost per block and a fixed cost per tile (launch, Q in, O out, pipeline fill and drain);
             and the XLA work outside the kernel (the tile table) timed alone
@@ -46,7 +47,8 @@ ROWS: list[str] = []
 LOG: list[str] = []
 SKIP: set[str] = set()  # impls left out (--skip), e.g. after a kernel hung in an earlier run
 # Hopper forward variants (flash_hopper.forward options; "sms": one CTA per SM), forward only
-HOPPER = {"pallas_gpu persistent": {"ctas": "sms"}, "pallas_gpu paired": {"paired": True},
+# ("raw": pallas_gpu's own kernel, called without flash_gpu's wrapper: the wrapper's cost is the difference)
+HOPPER = {"pallas_gpu raw": {}, "pallas_gpu persistent": {"ctas": "sms"}, "pallas_gpu paired": {"paired": True},
           "pallas_gpu paired persistent": {"paired": True, "ctas": "sms"}}
 
 
@@ -150,7 +152,7 @@ def _check(smoke: bool):
             if impl in HOPPER and (dtype == jnp.float32 or jax.default_backend() == "cpu"):
                 continue
             try:
-                out = jax.jit(functools.partial(_prefill_fn, impl=impl, ks=ks, ke=ke, window=window))(q, k, v)
+                out = prefill_fn(impl, window)(q, k, v, ks, ke)
                 err = rel_err(out, ref)
                 say(f"check {impl:17s} fwd  {jnp.dtype(dtype).name:8s} W={window}{' ragged' if ragged else ''}: "
                     f"rel err {err:.2e} {verdict([err], dtype)}")
@@ -214,6 +216,13 @@ def _check(smoke: bool):
             say(f"check decode ring: FAILED {type(e).__name__}: {e}"[:400])
 
 
+def prefill_fn(impl: str, window: int | None):
+    """jit of one prefill attention f(q, k, v, ks, ke). The intervals are arguments, as in a model: the
+    work derived from them (our tile tables, cudnn's band check) runs in the timed call instead of being
+    folded into constants at compile time (runs up to F captured them, so their times left it out)."""
+    return jax.jit(lambda q, k, v, ks, ke: _prefill_fn(q, k, v, impl=impl, ks=ks, ke=ke, window=window))
+
+
 def _prefill_fn(q, k, v, *, impl, ks, ke, window):
     """One prefill attention; "cudnn" calls jax.nn.dot_product_attention directly (no padding fallback)."""
     if impl == "cudnn":
@@ -263,21 +272,23 @@ def prefill(smoke: bool, bw: float, rate: float):
                 if impl == "xla" and window is None and t > 8192:
                     say(f"{name:28s} {impl:17s} skipped (its T x T scores exceed memory)")
                     continue
-                f = jax.jit(functools.partial(_prefill_fn, impl=impl, ks=ks, ke=ke, window=window))
+                f = prefill_fn(impl, window)
                 fb = None if impl in HOPPER else jax.jit(jax.grad(  # the variants: forward only
-                    lambda q, k, v, f=f: jnp.sum(f(q, k, v).astype(jnp.float32) * dout), argnums=(0, 1, 2)))
-                time_row(name, impl, f, fb, (q, k, v), flops, floor)
+                    lambda q, k, v, ks, ke, dout, f=f: jnp.sum(f(q, k, v, ks, ke).astype(jnp.float32) * dout),
+                    argnums=(0, 1, 2)))
+                time_row(name, impl, f, fb, (q, k, v, ks, ke), flops, floor, grad_args=(dout,))
 
 
-def time_row(name: str, impl: str, f, fb, args, flops: float, floor: float, reps: int = 10) -> float | None:
-    """Times forward f (and forward+backward fb unless None) on args; prints a line and adds a table row.
-    Returns the forward's seconds (None if it failed)."""
+def time_row(name: str, impl: str, f, fb, args, flops: float, floor: float, reps: int = 10,
+             grad_args=()) -> float | None:
+    """Times forward f (and forward+backward fb unless None, on args + grad_args) on args; prints a line
+    and adds a table row. Returns the forward's seconds (None if it failed)."""
     try:
         tf = bench(f, *args, reps=reps)
         tbs = "(forward only)"
         if fb is not None:
             try:
-                tbs = f"{bench(fb, *args, reps=5) * 1e3:9.2f} ms"
+                tbs = f"{bench(fb, *args, *grad_args, reps=5) * 1e3:9.2f} ms"
             except Exception as e:  # noqa: BLE001
                 tbs = f"bwd failed: {type(e).__name__}"
         say(f"{name:28s} {impl:17s} fwd {tf * 1e3:8.3f} ms  fwd+bwd {tbs}  "
@@ -311,11 +322,11 @@ def target(smoke: bool, bw: float, rate: float):
     has moved by 25% between runs: the ratio is quoted from the same round)."""
     args, (ks, ke), w, flops = local_case(smoke)
     nbytes = 2 * sum(x.size for x in args) + 2 * args[0].size
+    fns = {impl: prefill_fn(impl, w) for impl in forward_impls()}
     for rnd in range(2):
         times = {}
-        for impl in forward_impls():
-            f = jax.jit(functools.partial(_prefill_fn, impl=impl, ks=ks, ke=ke, window=w))
-            times[impl] = time_row(f"target T={args[0].shape[1]} W={w} round {rnd}", impl, f, None, args, flops,
+        for impl, f in fns.items():
+            times[impl] = time_row(f"target T={args[0].shape[1]} W={w} round {rnd}", impl, f, None, (*args, ks, ke), flops,
                                    max(flops / rate, nbytes / bw))
         if times.get("cudnn"):
             say(f"target round {rnd}, speed vs cudnn (target 1.5x): " + ", ".join(
@@ -326,16 +337,19 @@ def anatomy(smoke: bool, rate: float):
     """Per variant, time vs key blocks streamed at several windows: per-block and per-tile costs."""
     from kernels import flash_hopper
 
-    windows = (32, 64, 128) if smoke else (512, 1024, 2048, 4096)
+    windows = (32, 64, 128) if smoke else (512, 1024, 2048)
     sms = getattr(jax.devices()[0], "core_count", 132)
+    # the XLA work outside the kernel: the tile table from the intervals
+    args, (ks, ke), w, _ = local_case(smoke)
+    meta = jax.jit(lambda ks, ke: flash_hopper.tile_meta(ks, ke, flash_hopper.BLOCK_Q, flash_hopper.BLOCK_K))
+    say(f"anatomy tile_meta alone (T={args[0].shape[1]}): {bench(meta, ks, ke) * 1e6:.1f} us")
     for impl in forward_impls():
         points = []
         for window in windows:
             args, (ks, ke), w, flops = local_case(smoke, window)
             b, t, n = args[0].shape[:3]
-            f = jax.jit(functools.partial(_prefill_fn, impl=impl, ks=ks, ke=ke, window=w))
             try:
-                sec = bench(f, *args, reps=10)
+                sec = bench(prefill_fn(impl, w), *args, ks, ke, reps=10)
             except Exception as e:  # noqa: BLE001
                 say(f"anatomy {impl} W={w}: FAILED {type(e).__name__}: {e}"[:400])
                 break
@@ -353,12 +367,8 @@ def anatomy(smoke: bool, rate: float):
             per_sm_block = slope * sms  # seconds one SM spends per block (both warpgroups' rows)
             say(f"anatomy {impl:28s} fit: {per_sm_block * 1e6:.2f} us per block per SM "
                 f"({4 * 2 * flash_hopper.BLOCK_Q * flash_hopper.BLOCK_K * args[0].shape[-1] / per_sm_block / 1e12 * sms:.0f} "
-                f"TFLOP/s of hull work across {sms} SMs), fixed {intercept * 1e6:.1f} us "
+                f"TFLOP/s of streamed blocks across {sms} SMs), fixed {intercept * 1e6:.1f} us "
                 f"= {intercept * sms / points[0][1] * 1e6:.2f} us per tile per SM")
-    # the XLA work outside the kernel: the tile table from the intervals
-    args, (ks, ke), w, _ = local_case(smoke)
-    meta = jax.jit(lambda ks, ke: flash_hopper.tile_meta(ks, ke, flash_hopper.BLOCK_Q, flash_hopper.BLOCK_K))
-    say(f"anatomy tile_meta alone (T={args[0].shape[1]}): {bench(meta, ks, ke) * 1e6:.1f} us")
 
 
 SWEEP = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 2), (128, 128, 8, 2),
@@ -374,11 +384,11 @@ def sweep(smoke: bool, rate: float):
     ks, ke = band(1, t, w)
     flops = 4 * n * h * (t * w - w * w // 2)
     for bq, bk, warps, stages in SWEEP:
-        f = jax.jit(lambda q, k, v: flash_gpu.attention(q, k, v, ks, ke, scale=h ** -0.5, block_q=bq, block_k=bk,
-                                                        num_warps=warps, num_stages=stages,
-                                                        interpret=jax.default_backend() == "cpu"))
-        time_row(f"sweep T={t} local W={w}", f"pallas_gpu {bq}x{bk} w{warps} s{stages}", f, None, (q, k, v), flops,
-                 flops / rate, reps=5)
+        f = jax.jit(lambda q, k, v, ks, ke, bq=bq, bk=bk, warps=warps, stages=stages: flash_gpu.attention(
+            q, k, v, ks, ke, scale=h ** -0.5, block_q=bq, block_k=bk, num_warps=warps, num_stages=stages,
+            interpret=jax.default_backend() == "cpu"))
+        time_row(f"sweep T={t} local W={w}", f"pallas_gpu {bq}x{bk} w{warps} s{stages}", f, None, (q, k, v, ks, ke),
+                 flops, flops / rate, reps=5)
 
 
 def decode(smoke: bool, bw: float):

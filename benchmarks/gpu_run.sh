@@ -1,6 +1,6 @@
 #!/bin/bash
 # One lent-GPU session's attention checks and timings (benchmarks/gpu_attention.py), each part under a
-# time limit so a hung kernel costs its part only; logs go to $OUT (default .). At most ~590 s in all.
+# time limit so a hung kernel costs its part only; logs go to $OUT (default .). At most ~580 s in all.
 # 1. the GPU-verified paths' checks; 2. the checks of the variants not yet run on a GPU (the Hopper
 # forward's persistent / paired variants, the Hopper backward); 3. the issue's target case and the
 # anatomy of the Hopper forward; 4. the whole prefill and decode tables. 3 and 4 leave out whatever did
@@ -10,18 +10,19 @@
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-.}
 bench=(${PYTHON:-python3} benchmarks/gpu_attention.py ${SMOKE:+--smoke} --out "$OUT")
-NEW="pallas_gpu persistent,pallas_gpu paired,pallas_gpu paired persistent,pallas_gpu hopper bwd"
-timeout 150 "${bench[@]}" --sections ceilings,check --skip "$NEW" 2>&1 | tee "$OUT/check.log"
-timeout 120 "${bench[@]}" --sections check --skip "pallas_gpu triton,cudnn,auto" 2>&1 | tee "$OUT/check_new.log"
+NEW="pallas_gpu raw,pallas_gpu persistent,pallas_gpu paired,pallas_gpu paired persistent,pallas_gpu hopper bwd"
+timeout 130 "${bench[@]}" --sections ceilings,check --skip "$NEW" 2>&1 | tee "$OUT/check.log"
+timeout 150 "${bench[@]}" --sections check --skip "pallas_gpu,pallas_gpu triton,cudnn,auto" 2>&1 | tee "$OUT/check_new.log"
 skip=""
-ok() {  # a ragged bf16 check of impl $1 ran in log $3 and was within its bound
-  grep -Eq "^check $1 +$2 +bfloat16 W=[0-9]+ ragged: rel err .* ok$" "$3"
+ok() {  # a bf16 check line of impl $1 ($2: fwd or grad) in log $3, case W=... $4 (" ragged" or ""), within its bound
+  grep -Eq "^check $1 +$2 +bfloat16 W=[0-9]+$4: rel err .* ok$" "$3"
 }
-ok "pallas_gpu" fwd "$OUT/check.log" || skip="pallas_gpu,"
-for impl in "pallas_gpu persistent" "pallas_gpu paired" "pallas_gpu paired persistent"; do
-  ok "$impl" fwd "$OUT/check_new.log" || skip="${skip}${impl},"
+ok "pallas_gpu" fwd "$OUT/check.log" " ragged" || skip="pallas_gpu,auto,"  # auto's forward is pallas_gpu's
+ok "auto" grad "$OUT/check.log" "" && ok "auto" grad "$OUT/check.log" " ragged" || skip="${skip}auto,"
+for impl in "pallas_gpu raw" "pallas_gpu persistent" "pallas_gpu paired" "pallas_gpu paired persistent"; do
+  ok "$impl" fwd "$OUT/check_new.log" " ragged" || skip="${skip}${impl},"
 done
-ok "pallas_gpu hopper bwd" grad "$OUT/check_new.log" || skip="${skip}pallas_gpu hopper bwd,"
+ok "pallas_gpu hopper bwd" grad "$OUT/check_new.log" " ragged" || skip="${skip}pallas_gpu hopper bwd,"
 echo "left out of the timings: ${skip:-nothing}"
 timeout 150 "${bench[@]}" --sections ceilings,target,anatomy --skip "$skip" 2>&1 | tee "$OUT/target.log"
-timeout 170 "${bench[@]}" --sections ceilings,prefill,decode${1:+,$1} --skip "$skip" 2>&1 | tee "$OUT/prefill.log"
+timeout 150 "${bench[@]}" --sections ceilings,prefill,decode${1:+,$1} --skip "$skip" 2>&1 | tee "$OUT/prefill.log"

@@ -13,8 +13,8 @@ each query may see. Implementations:
   splash      jax's TPU splash attention (band masks; other intervals take pallas_tpu at run time)
   cudnn       jax.nn.dot_product_attention through cuDNN (band masks without padding; other
               intervals take pallas_gpu at run time)
-  auto        pallas_tpu on TPU, pallas_gpu on GPU, xla on CPU; on a Hopper GPU, bf16/f16 band
-              self-attention (a window hint or causal, no lookahead, no soft-cap) runs pallas_gpu's
+  auto        pallas_tpu on TPU, pallas_gpu on GPU, xla on CPU; on a Hopper GPU, bf16/f16
+              self-attention hinted causal or windowed (lookahead 0, no soft-cap) runs pallas_gpu's
               forward but is differentiated through cuDNN (jax_ops.trained_on_cudnn: cuDNN's forward
               and backward measured 1.9x faster than ours for training, ours faster for inference)
 
@@ -43,13 +43,15 @@ def resolve(impl: str, platform: str | None = None) -> str:
     return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}.get(platform, "xla")
 
 
-def _trains_on_cudnn(q: jax.Array, band: bool, softcap: float | None, lookahead: int | None) -> bool:
-    """Whether "auto" differentiates this call through cuDNN (`jax_ops.trained_on_cudnn`): band-shaped
-    bf16/f16 self-attention (the intervals are checked at run time) with a head_dim cuDNN takes (a
-    multiple of 8 up to 256), on a Hopper GPU, where it was timed."""
+def _trains_on_cudnn(q: jax.Array, band: bool, softcap: float | None, window: int | None,
+                     lookahead: int | None) -> bool:
+    """Whether "auto" differentiates this call through cuDNN (`jax_ops.trained_on_cudnn`): bf16/f16
+    self-attention promised causal (lookahead 0) or windowed by its hints (the intervals are checked at
+    run time), a head_dim cuDNN takes (a multiple of 8 up to 256), on a Hopper GPU, where it was timed."""
     from kernels import flash_hopper
 
-    return (band and not lookahead and softcap is None and q.shape[1] > 1 and q.shape[-1] % 8 == 0
+    hinted = window is not None or lookahead is not None
+    return (band and hinted and not lookahead and softcap is None and q.shape[1] > 1 and q.shape[-1] % 8 == 0
             and q.shape[-1] <= 256 and q.dtype in (jnp.bfloat16, jnp.float16) and flash_hopper.on_hopper())
 
 
@@ -96,7 +98,7 @@ def attention(
     requested, impl = impl, resolve(impl)
     interpret = jax.default_backend() == "cpu"
     args = (q, k, v, k_start, k_end)
-    if requested == "auto" and impl == "pallas_gpu" and _trains_on_cudnn(q, band, softcap, lookahead):
+    if requested == "auto" and impl == "pallas_gpu" and _trains_on_cudnn(q, band, softcap, window, lookahead):
         from kernels import jax_ops
         return jax_ops.trained_on_cudnn(*args, scale=scale, window=window, interpret=interpret)
     if impl in BAND_ONLY:

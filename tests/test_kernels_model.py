@@ -201,8 +201,8 @@ def test_banded_xla_path_equals_reference():
 def test_auto_on_hopper_trains_through_cudnn(monkeypatch):
     """On a Hopper GPU (faked: on CPU cuDNN is jax.nn.dot_product_attention's XLA path and our kernels run
     interpreted) "auto" takes pallas_gpu's forward when only the value is asked for, and cuDNN's forward
-    and backward under differentiation. Values and gradients equal the reference's, on the band and on
-    left-padded rows (not the band: `cudnn` takes its exact branch); impl="pallas_gpu" and f32 keep ours."""
+    and backward under differentiation: its fused branch on the band, its exact branch (our kernel) on
+    left-padded rows. Values and gradients equal the reference's, also under jit and remat."""
     from kernels import flash_gpu, flash_hopper, jax_ops, reference
 
     monkeypatch.setattr(flash_hopper, "on_hopper", lambda: True)
@@ -213,31 +213,59 @@ def test_auto_on_hopper_trains_through_cudnn(monkeypatch):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
     b, t, n, kv, h, w = 2, 64, 4, 2, 64, 24
+    scale = h**-0.5
     rng = np.random.default_rng(5)
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((b, t, n, h), (b, t, kv, h), (b, t, kv, h)))
     dout = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
     pos = np.arange(t)[None]
+    auto = lambda *a: kernels.attention(*a, impl="auto", window=w)  # noqa: E731
     for pad in ([0, 0], [0, 9]):  # the band; then 9 rows of left padding in the second sequence
         ks = jnp.asarray(np.maximum(pos - w + 1, np.array(pad)[:, None]), jnp.int32)
         ke = jnp.asarray(np.where(pos < np.array(pad)[:, None], -1, pos), jnp.int32)
+        fused = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=(w - 1, 0))
+        ours = flash_gpu.attention(q, k, v, ks, ke, scale=scale, interpret=True)
+        assert not np.array_equal(np.asarray(fused), np.asarray(ours))  # so the branch taken shows below
 
         def loss(f):
             return lambda q, k, v: jnp.sum(f(q, k, v, ks, ke).astype(jnp.float32) * dout)
 
-        auto = lambda *a, impl="auto": kernels.attention(*a, impl=impl, window=w)  # noqa: E731
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-        want = reference.attention(*f32, ks, ke, scale=h**-0.5)
+        want = reference.attention(*f32, ks, ke, scale=scale)
         with jax.default_matmul_precision("highest"):
-            want_grads = jax.grad(loss(lambda *a: reference.attention(*a, scale=h**-0.5)), (0, 1, 2))(*f32)
+            want_grads = jax.grad(loss(lambda *a: reference.attention(*a, scale=scale)), (0, 1, 2))(*f32)
         calls.clear()
-        np.testing.assert_allclose(np.asarray(auto(q, k, v, ks, ke), np.float32), want, atol=2e-2, rtol=0)
+        out = auto(q, k, v, ks, ke)
         assert calls == ["attention"], calls  # inference: our kernel alone
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(ours))
+        np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=0)
         calls.clear()
-        grads = jax.grad(loss(auto), (0, 1, 2))(q, k, v)
+        out, pullback = jax.vjp(lambda q, k, v: auto(q, k, v, ks, ke), q, k, v)
         assert "cudnn" in calls, calls
-        for name, g, wg in zip("qkv", grads, want_grads):
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(fused if pad == [0, 0] else ours))
+        grads = pullback(dout.astype(jnp.bfloat16))
+        remat = jax.jit(jax.grad(jax.checkpoint(loss(auto)), (0, 1, 2)))(q, k, v)
+        for name, g, g2, wg in zip("qkv", grads, remat, want_grads):
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(wg), atol=5e-2, rtol=0, err_msg=f"d{name}")
-        calls.clear()
-        jax.grad(loss(lambda *a: auto(*a, impl="pallas_gpu")), (0, 1, 2))(q, k, v)
-        jax.grad(loss(auto), (0, 1, 2))(*f32)
-        assert "cudnn" not in calls, calls  # asked for by name, or f32: ours
+            np.testing.assert_allclose(np.asarray(g2, np.float32), np.asarray(wg), atol=5e-2, rtol=0, err_msg=f"d{name}")
+
+
+def test_auto_trains_through_cudnn_only_where_it_was_timed(monkeypatch):
+    """The cases "auto" keeps on our kernel under differentiation: not a Hopper GPU, f32, a soft-cap,
+    lookahead (image blocks), no causal/window hint, a head_dim cuDNN does not take, a decode step."""
+    from kernels import flash_hopper
+
+    hopper = [True]
+    monkeypatch.setattr(flash_hopper, "on_hopper", lambda: hopper[0])
+    q = jnp.zeros((1, 64, 4, 64), jnp.bfloat16)
+    assert kernels._trains_on_cudnn(q, True, None, 24, None)
+    assert kernels._trains_on_cudnn(q, True, None, None, 0)  # causal: a global layer
+    assert not kernels._trains_on_cudnn(q, False, None, None, None)  # a cache (k_pos) or S != T
+    assert not kernels._trains_on_cudnn(q, True, None, None, None)  # no hint: maybe bidirectional
+    assert not kernels._trains_on_cudnn(q, True, None, 24, 3)
+    assert not kernels._trains_on_cudnn(q, True, 50.0, 24, 0)
+    assert not kernels._trains_on_cudnn(q.astype(jnp.float32), True, None, 24, 0)
+    assert not kernels._trains_on_cudnn(jnp.zeros((1, 64, 4, 36), jnp.bfloat16), True, None, 24, 0)
+    assert not kernels._trains_on_cudnn(jnp.zeros((1, 64, 4, 512), jnp.bfloat16), True, None, 24, 0)
+    assert not kernels._trains_on_cudnn(q[:, :1], True, None, 24, 0)
+    hopper[0] = False
+    assert not kernels._trains_on_cudnn(q, True, None, 24, 0)
