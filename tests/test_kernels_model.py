@@ -269,3 +269,30 @@ def test_auto_trains_through_cudnn_only_where_it_was_timed(monkeypatch):
     assert not kernels._trains_on_cudnn(q[:, :1], True, None, 24, 0)
     hopper[0] = False
     assert not kernels._trains_on_cudnn(q, True, None, 24, 0)
+
+
+def test_model_trained_with_auto_on_hopper_goes_through_cudnn(monkeypatch):
+    """The model's own calls carry the hints `auto` needs: under differentiation on a (faked) Hopper GPU
+    every layer of a bf16 model, six windowed and one global (lookahead 0), trains through cuDNN, and the
+    gradients equal the xla model's (bf16: both round the activations)."""
+    from kernels import flash_hopper, jax_ops
+
+    monkeypatch.setattr(flash_hopper, "on_hopper", lambda: True)
+    resolve = kernels.resolve
+    monkeypatch.setattr(kernels, "resolve", lambda impl: "pallas_gpu" if impl == "auto" else resolve(impl))
+    calls = []
+    real = jax_ops.trained_on_cudnn
+    monkeypatch.setattr(jax_ops, "trained_on_cudnn", lambda *a, **kw: calls.append(kw["window"]) or real(*a, **kw))
+    model = Transformer(_config(attention_impl="xla"), dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    tokens = _tokens(2, 21, seed=4)
+
+    def loss(m):
+        return m(tokens).astype(jnp.float32).std()
+
+    want = nnx.grad(loss)(model)
+    got = nnx.grad(loss)(model.with_attention_impl("auto"))
+    assert sorted(calls, key=str) == [8] * 6 + [None], calls  # 6 local layers (window 8), 1 global
+    for (path, w), (_, g) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got)):  # measured: within 0.5%
+        w, g = np.asarray(w[...], np.float32), np.asarray(g[...], np.float32)
+        np.testing.assert_allclose(g, w, atol=2e-2 * np.abs(w).max(), rtol=0, err_msg=str(path))
+        assert np.linalg.norm(g - w) <= 2e-2 * np.linalg.norm(w), path
