@@ -5,9 +5,10 @@ head_dim a multiple of 64 up to 256, no soft-cap. `flash_gpu` routes that shape 
 GPU and keeps its Triton kernels for the rest and for the backward, which reads this forward's
 logsumexp (same layout and units: [B, N, T] f32, log2, scale folded in).
 
-A work item is a tile of 2 * bq query rows of one q head; a CTA serves one item (or, persistent, every
-`ctas`-th: then each warpgroup loads the next item's Q once its last S = Q K^T is done, and O leaves
-through a buffer of its own that the two warpgroups take in turns), with three warpgroups:
+A work item is a tile of 2 * bq query rows of one q head (paired: bq rows of two q heads); a CTA
+serves one item (or, persistent, every `ctas`-th: then each warpgroup loads the next item's Q once its
+last S = Q K^T is done, and O leaves through a buffer of its own that the two warpgroups take in
+turns), with three warpgroups:
   two compute warpgroups, bq rows each: S = Q K^T and O += P V on the tensor cores (wgmma), the
     online softmax in registers; they take turns on the tensor cores (a shared schedule barrier);
   one producer warpgroup: streams the tile's K and V blocks by TMA into a ring of `stages` slots
