@@ -379,10 +379,8 @@ def sweep(smoke: bool, rate: float):
     """Forward time of pallas_gpu at T = 32K, local W = 1024 (the issue's target case) per Triton config."""
     from kernels import flash_gpu
 
-    n, kvh, h, w, t = (8, 4, 64, 64, 512) if smoke else (8, 4, 256, 1024, 32768)
-    q, k, v = qkv(jax.random.key(t), 1, t, t, n, kvh, h, jnp.bfloat16)
-    ks, ke = band(1, t, w)
-    flops = 4 * n * h * (t * w - w * w // 2)
+    (q, k, v), (ks, ke), w, flops = local_case(smoke)
+    t, h = q.shape[1], q.shape[-1]
     for bq, bk, warps, stages in SWEEP:
         f = jax.jit(lambda q, k, v, ks, ke, bq=bq, bk=bk, warps=warps, stages=stages: flash_gpu.attention(
             q, k, v, ks, ke, scale=h ** -0.5, block_q=bq, block_k=bk, num_warps=warps, num_stages=stages,
