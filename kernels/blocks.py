@@ -15,15 +15,24 @@ EMPTY = -(2**30)  # k_pos of an unused cache slot or a padding key: outside ever
 BIG = 2**31 - 1
 
 
+def query_hulls(k_start: jax.Array, k_end: jax.Array, block_q: int):
+    """Per query block of block_q rows, int [B, T/bq] each: the union of its non-empty rows' intervals,
+    [lo, hi] (inverted, (BIG, -BIG), when every row is empty), and the keys every row sees, [in_lo, in_hi]
+    (max k_start, min k_end: an empty row inverts it)."""
+    b, t = k_start.shape
+    rows = lambda x: x.reshape(b, t // block_q, block_q)  # noqa: E731
+    nonempty = k_start <= k_end
+    lo = rows(jnp.where(nonempty, k_start, BIG)).min(-1)
+    hi = rows(jnp.where(nonempty, k_end, -BIG)).max(-1)
+    return lo, hi, rows(k_start).max(-1), rows(k_end).min(-1)
+
+
 def hulls(k_start: jax.Array, k_end: jax.Array, k_pos: jax.Array, block_q: int, block_k: int):
     """k_start, k_end [B, T], k_pos [B, S] (T % block_q == S % block_k == 0) ->
     q_lo, q_hi [B, T/bq]; k_lo, k_hi [B, S/bk]; meets bool [B, T/bq, S/bk].
     A block with no non-empty row (filled slot) has an inverted hull and meets nothing."""
-    b, t = k_start.shape
-    s = k_pos.shape[1]
-    nonempty = k_start <= k_end
-    q_lo = jnp.where(nonempty, k_start, BIG).reshape(b, t // block_q, block_q).min(-1)
-    q_hi = jnp.where(nonempty, k_end, -BIG).reshape(b, t // block_q, block_q).max(-1)
+    b, s = k_pos.shape
+    q_lo, q_hi, *_ = query_hulls(k_start, k_end, block_q)
     filled = k_pos > EMPTY
     k_lo = jnp.where(filled, k_pos, BIG).reshape(b, s // block_k, block_k).min(-1)
     k_hi = jnp.where(filled, k_pos, -BIG).reshape(b, s // block_k, block_k).max(-1)
@@ -36,10 +45,8 @@ def inside_hulls(k_start: jax.Array, k_end: jax.Array, k_pos: jax.Array, block_q
     empty row inverts it); per key block the range of all its positions, [all_lo, all_hi] [B, S/bk]
     ((BIG, BIG) when a slot is empty, so it is inside nothing). Query block i sees key block j whole
     iff in_lo[i] <= all_lo[j] and all_hi[j] <= in_hi[i]."""
-    b, t = k_start.shape
-    s = k_pos.shape[1]
-    in_lo = k_start.reshape(b, t // block_q, block_q).max(-1)
-    in_hi = k_end.reshape(b, t // block_q, block_q).min(-1)
+    b, s = k_pos.shape
+    *_, in_lo, in_hi = query_hulls(k_start, k_end, block_q)
     slots = k_pos.reshape(b, s // block_k, block_k)
     filled = jnp.all(slots > EMPTY, axis=-1)
     return in_lo, in_hi, jnp.where(filled, slots.min(-1), BIG), jnp.where(filled, slots.max(-1), BIG)
@@ -59,14 +66,9 @@ def contiguous_ranges(k_start: jax.Array, k_end: jax.Array, block_q: int, block_
     interval, [in_first, in_last], int32 [B, T/bq] each, (0, -1) where there is none. Key block j holds
     positions [j bk, j bk + bk - 1]: it meets [lo, hi] iff lo // bk <= j <= hi // bk, and it lies inside
     [in_lo, in_hi] iff ceil(in_lo / bk) <= j <= (in_hi + 1) // bk - 1."""
-    b, t = k_start.shape
-    nonempty = k_start <= k_end
     edge = key_blocks * block_k
     # clipped to just outside the keys, where the block arithmetic cannot overflow int32
-    lo = jnp.clip(jnp.where(nonempty, k_start, BIG).reshape(b, t // block_q, block_q).min(-1), -block_k, edge)
-    hi = jnp.clip(jnp.where(nonempty, k_end, -BIG).reshape(b, t // block_q, block_q).max(-1), -block_k, edge)
-    in_lo = jnp.clip(k_start.reshape(b, t // block_q, block_q).max(-1), -block_k, edge)
-    in_hi = jnp.clip(k_end.reshape(b, t // block_q, block_q).min(-1), -block_k, edge)
+    lo, hi, in_lo, in_hi = (jnp.clip(x, -block_k, edge) for x in query_hulls(k_start, k_end, block_q))
 
     def within(first, last):
         first, last = jnp.maximum(first, 0), jnp.minimum(last, key_blocks - 1)

@@ -108,7 +108,8 @@ def _load_row(ref, i, layout):
 
 
 def _work_item(idx, heads: int, tiles: int):
-    """(b, n, tile) of work item idx over B x N x T / TILE query tiles, q heads varying fastest."""
+    """(b, n, tile) of work item idx over B x `heads` x `tiles` (heads: q heads, or head pairs when
+    paired), heads varying fastest."""
     n = lax.rem(idx, jnp.int32(heads))
     tile = lax.rem(lax.div(idx, jnp.int32(heads)), jnp.int32(tiles))
     return lax.div(idx, jnp.int32(heads * tiles)), n, tile
