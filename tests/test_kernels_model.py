@@ -197,21 +197,33 @@ def test_banded_xla_path_equals_reference():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0)
 
 
-
-def test_auto_on_hopper_trains_through_cudnn(monkeypatch):
-    """On a Hopper GPU (faked: on CPU cuDNN is jax.nn.dot_product_attention's XLA path and our kernels run
-    interpreted) "auto" takes pallas_gpu's forward when only the value is asked for, and cuDNN's forward
-    and backward under differentiation: its fused branch on the band, its exact branch (our kernel) on
-    left-padded rows. Values and gradients equal the reference's, also under jit and remat."""
-    from kernels import flash_gpu, flash_hopper, jax_ops, reference
+@pytest.fixture
+def faked_hopper(monkeypatch):
+    """A Hopper GPU as "auto" sees it, on CPU: flash_hopper.on_hopper() is True and "auto" resolves to
+    pallas_gpu (cuDNN is then jax.nn.dot_product_attention's XLA path, our kernels run interpreted)."""
+    from kernels import flash_hopper
 
     monkeypatch.setattr(flash_hopper, "on_hopper", lambda: True)
     resolve = kernels.resolve
     monkeypatch.setattr(kernels, "resolve", lambda impl: "pallas_gpu" if impl == "auto" else resolve(impl))
+
+
+def _spy(monkeypatch, module, name: str, calls: list, record):
+    """module.name, wrapped: each call appends record(kwargs) to calls first."""
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(record(kw)) or real(*a, **kw))
+
+
+def test_auto_on_hopper_trains_through_cudnn(monkeypatch, faked_hopper):
+    """On a Hopper GPU (faked: on CPU cuDNN is jax.nn.dot_product_attention's XLA path and our kernels run
+    interpreted) "auto" takes pallas_gpu's forward when only the value is asked for, and cuDNN's forward
+    and backward under differentiation: its fused branch on the band, its exact branch (our kernel) on
+    left-padded rows. Values and gradients equal the reference's, also under jit and remat."""
+    from kernels import flash_gpu, jax_ops, reference
+
     calls = []
     for module, name in ((jax_ops, "cudnn"), (flash_gpu, "attention")):
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
+        _spy(monkeypatch, module, name, calls, lambda kw, name=name: name)
     b, t, n, kv, h, w = 2, 64, 4, 2, 64, 24
     scale = h**-0.5
     rng = np.random.default_rng(5)
@@ -271,18 +283,14 @@ def test_auto_trains_through_cudnn_only_where_it_was_timed(monkeypatch):
     assert not kernels._trains_on_cudnn(q, True, None, 24, 0)
 
 
-def test_model_trained_with_auto_on_hopper_goes_through_cudnn(monkeypatch):
+def test_model_trained_with_auto_on_hopper_goes_through_cudnn(monkeypatch, faked_hopper):
     """The model's own calls carry the hints `auto` needs: under differentiation on a (faked) Hopper GPU
     every layer of a bf16 model, six windowed and one global (lookahead 0), trains through cuDNN, and the
     gradients equal the xla model's (bf16: both round the activations)."""
-    from kernels import flash_hopper, jax_ops
+    from kernels import jax_ops
 
-    monkeypatch.setattr(flash_hopper, "on_hopper", lambda: True)
-    resolve = kernels.resolve
-    monkeypatch.setattr(kernels, "resolve", lambda impl: "pallas_gpu" if impl == "auto" else resolve(impl))
     calls = []
-    real = jax_ops.trained_on_cudnn
-    monkeypatch.setattr(jax_ops, "trained_on_cudnn", lambda *a, **kw: calls.append(kw["window"]) or real(*a, **kw))
+    _spy(monkeypatch, jax_ops, "trained_on_cudnn", calls, lambda kw: kw["window"])
     model = Transformer(_config(attention_impl="xla"), dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
     tokens = _tokens(2, 21, seed=4)
 
