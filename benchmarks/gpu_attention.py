@@ -8,15 +8,17 @@ Sections (each guarded, so one failure does not hide the rest):
   check     our kernels vs kernels.reference on random inputs: ||out - ref|| / ||ref||
   prefill   T = 32K, 8K; 8 q / 4 kv heads; head_dim 256; W = 1024; bf16; local and global layers:
             pallas_gpu vs cudnn vs xla (banded for local layers); forward and forward+backward.
-            On a Hopper GPU pallas_gpu's forward is flash_hopper's; its variants (forward only, HOPPER):
-            "raw" (flash_hopper.forward called directly), "persistent" (one CTA per SM), "paired" (a
-            tile of 64 rows of two q heads of one kv head), "paired persistent"; "pallas_gpu hopper
-            bwd" adds the Hopper backward
-            (flash_hopper_bwd), "pallas_gpu triton" is the Triton forward and backward; "auto" is the
-            default (on a Hopper GPU pallas_gpu's forward, differentiated through cuDNN on the band)
+            On a Hopper GPU pallas_gpu is flash_hopper's forward and flash_hopper_bwd's backward;
+            "pallas_gpu triton" is the Triton forward and backward; "auto" is the default (on a Hopper
+            GPU, kernels.hopper_route's choice)
+  route     forward and forward+backward at the other shapes kernels.hopper_route was decided on
+            (head_dim 128 windowed and causal, a short window at 256)
   decode    batch 8 over a 32K global cache and a 1024-slot ring: ours vs xla vs
             jax.experimental.pallas.ops.gpu.decode_attention.gqa; K/V bytes read per second
-  target    the issue's target case alone: T = 32K, W = 1024 forward, every Hopper variant vs cudnn
+  target    the issue's target case alone: T = 32K, W = 1024 forward, every Hopper forward variant
+            vs cudnn (HOPPER: "raw", flash_hopper.forward called directly; "persistent", one CTA per
+            SM; "paired", a tile of 64 rows of two q heads of one kv head; "paired persistent")
+Every time is the mean over a loop of calls on the device (`bench_loop`), median of 5 loops.
   anatomy   the T = 32K local forward of each Hopper variant and cudnn at W = 512, 1024, 2048: a
             least-squares line through time vs key blocks streamed splits each variant's time into a
             cost per block and a fixed cost per tile (launch, Q in, O out, pipeline fill and drain);
@@ -70,12 +72,17 @@ def bench(f, *args, reps: int = 10) -> float:
 
 
 def bench_loop(f, *args, n: int = 20) -> float:
-    """Seconds per call of f(q, *rest), from one jitted loop of n calls (no per-call dispatch in
-    the time); q is nudged each step so no call can be hoisted out of the loop."""
-    def loop(q, *rest):
-        def body(i, acc):
-            return acc + f(q.at[0, 0, 0, 0].add(i.astype(q.dtype)), *rest).astype(jnp.float32)[0, 0, 0, 0]
-        return jax.lax.fori_loop(0, n, body, jnp.float32(0))
+    """Seconds per call of f(x, *rest), from one jitted loop of n calls: no per-call dispatch in the
+    time (per-call wall times of a sub-ms kernel moved by 40% between rounds on an H200, run G). x is
+    carried through the loop and one element nudged in place each step, so no call can be hoisted out
+    of the loop and no copy of x is timed."""
+    def loop(x, *rest):
+        def body(i, carry):
+            x, acc = carry
+            x = x.at[(0,) * x.ndim].add(i.astype(x.dtype))
+            first = jax.tree.leaves(f(x, *rest))[0]
+            return x, acc + first.astype(jnp.float32)[(0,) * first.ndim]
+        return jax.lax.fori_loop(0, n, body, (x, jnp.float32(0)))[1]
     return bench(jax.jit(loop), *args, reps=5) / n
 
 
@@ -158,10 +165,10 @@ def _check(smoke: bool):
                     f"rel err {err:.2e} {verdict([err], dtype)}")
             except Exception as e:  # noqa: BLE001
                 say(f"check {impl:17s} fwd  {jnp.dtype(dtype).name} W={window}: FAILED {type(e).__name__}: {e}"[:400])
-        grad_impls = {  # which impls' gradients this case checks
-            "pallas_gpu": dtype == jnp.float32 or ragged,
-            "pallas_gpu hopper bwd": dtype != jnp.float32 and ragged,
-            "auto": dtype != jnp.float32 and window is not None,  # Hopper: cuDNN on the band, ours if ragged
+        grad_impls = {  # which impls' gradients this case checks (on a Hopper GPU pallas_gpu's bf16 backward
+            "pallas_gpu": dtype == jnp.float32 or ragged,  # is flash_hopper_bwd, its f32 one Triton's)
+            "pallas_gpu triton": dtype != jnp.float32 and ragged,
+            "auto": dtype != jnp.float32,  # Hopper: kernels.hopper_route's choice (cudnn for W=None)
         }
         if any(grad_impls.values()):
             dout = jax.random.normal(key, q.shape, jnp.float32)
@@ -229,17 +236,13 @@ def _prefill_fn(q, k, v, *, impl, ks, ke, window):
         local = None if window is None else (window - 1, 0)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
                                             implementation=None if jax.default_backend() == "cpu" else "cudnn")
-    if impl == "pallas_gpu triton":  # the Triton forward, where pallas_gpu would take the Hopper kernel
+    if impl == "pallas_gpu triton":  # the Triton kernels, where pallas_gpu would take the Hopper ones
         from kernels import flash_gpu
-        return flash_gpu.attention(q, k, v, ks, ke, scale=q.shape[-1] ** -0.5, mosaic=False,
-                                   interpret=jax.default_backend() == "cpu")
-    if impl == "pallas_gpu hopper bwd":  # the Hopper forward and the Hopper backward (flash_hopper_bwd)
-        from kernels import flash_gpu
-        return flash_gpu.attention(q, k, v, ks, ke, scale=q.shape[-1] ** -0.5, mosaic=True, mosaic_backward=True,
+        return flash_gpu.attention(q, k, v, ks, ke, scale=q.shape[-1] ** -0.5, mosaic=False, mosaic_backward=False,
                                    interpret=jax.default_backend() == "cpu")
     if impl in HOPPER:  # a variant of the Hopper forward (forward only)
         return hopper_forward(q, k, v, ks, ke, **HOPPER[impl])
-    return kernels.attention(q, k, v, ks, ke, impl=impl, window=window)
+    return kernels.attention(q, k, v, ks, ke, impl=impl, window=window, lookahead=0)  # a model's hints
 
 
 def hopper_forward(q, k, v, ks, ke, ctas=None, paired=False):
@@ -265,30 +268,59 @@ def prefill(smoke: bool, bw: float, rate: float):
             floor = max(flops / rate, nbytes / bw)
             dout = jax.random.normal(jax.random.key(1), q.shape, jnp.bfloat16)
             name = f"prefill T={t} {'local W=' + str(window) if window else 'global'}"
-            for impl in ("pallas_gpu", *HOPPER, "pallas_gpu hopper bwd", "auto", "pallas_gpu triton", "cudnn", "xla"):
-                hopper_only = impl in HOPPER or impl == "pallas_gpu hopper bwd"
-                if impl in SKIP or (hopper_only and jax.default_backend() == "cpu"):
+            for impl in ("pallas_gpu", "auto", "pallas_gpu triton", "cudnn", "xla"):
+                if impl in SKIP:
                     continue
                 if impl == "xla" and window is None and t > 8192:
                     say(f"{name:28s} {impl:17s} skipped (its T x T scores exceed memory)")
                     continue
                 f = prefill_fn(impl, window)
-                fb = None if impl in HOPPER else jax.jit(jax.grad(  # the variants: forward only
-                    lambda q, k, v, ks, ke, dout, f=f: jnp.sum(f(q, k, v, ks, ke).astype(jnp.float32) * dout),
-                    argnums=(0, 1, 2)))
-                time_row(name, impl, f, fb, (q, k, v, ks, ke), flops, floor, grad_args=(dout,))
+                time_row(name, impl, f, grad_fn(f), (q, k, v, ks, ke), flops, floor, grad_args=(dout,))
+
+
+def grad_fn(f):
+    """jit of the gradient in (q, k, v) of sum(f(q, k, v, ks, ke) * dout): forward + backward."""
+    return jax.jit(jax.grad(lambda q, k, v, ks, ke, dout: jnp.sum(f(q, k, v, ks, ke).astype(jnp.float32) * dout),
+                            argnums=(0, 1, 2)))
+
+
+ROUTE_CASES = [  # (B, T, q heads, kv heads, head_dim, window): kernels.hopper_route's other evidence
+    (2, 4096, 16, 8, 128, 1024),  # Gemma 3 27B's heads, windowed: cuDNN trains it (trained_on_cudnn)
+    (1, 16384, 32, 16, 128, None),  # 27B's heads, causal: cudnn
+    (4, 2048, 8, 4, 256, 512),  # a short window at head_dim 256: ours
+]
+
+
+def route(smoke: bool, bw: float, rate: float):
+    """Forward and forward + backward of ours (Hopper kernels), Triton's, cuDNN's and auto's at the
+    shapes besides the prefill table's that kernels.hopper_route was decided on."""
+    for b, t, n, kvh, h, w in ROUTE_CASES:
+        if smoke:
+            t, n, kvh, h, w = 256, 4, 2, 64, w and 64
+        q, k, v = qkv(jax.random.key(t), b, t, t, n, kvh, h, jnp.bfloat16)
+        ks, ke = band(b, t, w)
+        pairs = t * (t + 1) // 2 if w is None else t * w - w * w // 2
+        flops = 4 * b * n * h * pairs
+        floor = max(flops / rate, 2 * (2 * b * t * n * h + 2 * b * t * kvh * h) / bw)
+        dout = jax.random.normal(jax.random.key(1), q.shape, jnp.bfloat16)
+        name = f"route B={b} T={t} {n}/{kvh}x{h} {'W=' + str(w) if w else 'causal'}"
+        for impl in ("pallas_gpu", "pallas_gpu triton", "cudnn", "auto"):
+            if impl not in SKIP:
+                f = prefill_fn(impl, w)
+                time_row(name, impl, f, grad_fn(f), (q, k, v, ks, ke), flops, floor, grad_args=(dout,))
 
 
 def time_row(name: str, impl: str, f, fb, args, flops: float, floor: float, reps: int = 10,
              grad_args=()) -> float | None:
-    """Times forward f (and forward+backward fb unless None, on args + grad_args) on args; prints a line
-    and adds a table row. Returns the forward's seconds (None if it failed)."""
+    """Times forward f (and forward+backward fb unless None, on args + grad_args) on args, each in a loop
+    of calls on the device (`bench_loop`); prints a line and adds a table row. Returns the forward's
+    seconds (None if it failed)."""
     try:
-        tf = bench(f, *args, reps=reps)
+        tf = bench_loop(f, *args, n=reps)
         tbs = "(forward only)"
         if fb is not None:
             try:
-                tbs = f"{bench(fb, *args, *grad_args, reps=5) * 1e3:9.2f} ms"
+                tbs = f"{bench_loop(fb, *args, *grad_args, n=5) * 1e3:9.2f} ms"
             except Exception as e:  # noqa: BLE001
                 tbs = f"bwd failed: {type(e).__name__}"
         say(f"{name:28s} {impl:17s} fwd {tf * 1e3:8.3f} ms  fwd+bwd {tbs}  "
@@ -342,14 +374,14 @@ def anatomy(smoke: bool, rate: float):
     # the XLA work outside the kernel: the tile table from the intervals
     args, (ks, ke), w, _ = local_case(smoke)
     meta = jax.jit(lambda ks, ke: flash_hopper.tile_meta(ks, ke, flash_hopper.BLOCK_Q, flash_hopper.BLOCK_K))
-    say(f"anatomy tile_meta alone (T={args[0].shape[1]}): {bench(meta, ks, ke) * 1e6:.1f} us")
+    say(f"anatomy tile_meta alone (T={args[0].shape[1]}): {bench_loop(meta, ks, ke) * 1e6:.1f} us")
     for impl in forward_impls():
         points = []
         for window in windows:
             args, (ks, ke), w, flops = local_case(smoke, window)
             b, t, n = args[0].shape[:3]
             try:
-                sec = bench(prefill_fn(impl, w), *args, ks, ke, reps=10)
+                sec = bench_loop(prefill_fn(impl, w), *args, ks, ke)
             except Exception as e:  # noqa: BLE001
                 say(f"anatomy {impl} W={w}: FAILED {type(e).__name__}: {e}"[:400])
                 break
@@ -457,6 +489,8 @@ def main():
                 bw, rate = ceilings(not args.smoke)
             elif section == "check":
                 check(args.smoke)
+            elif section == "route":
+                route(args.smoke, bw, rate)
             elif section == "prefill":
                 prefill(args.smoke, bw, rate)
             elif section == "decode":

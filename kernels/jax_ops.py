@@ -132,11 +132,11 @@ def trained_on_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Arra
                      scale: float, window: int | None, interpret: bool = False) -> jax.Array:
     """Our flash forward (kernels.flash_gpu: the Hopper kernel where it serves) when only the value is
     asked for; under differentiation the forward and backward of `cudnn` instead (cuDNN's fused kernels
-    on the band, our flash kernel elsewhere, by `is_band`). On an H200 (benchmarks/RESULTS.md, run F,
-    T = 32K, W = 1024, bf16) our forward took 0.73 ms to cuDNN's 0.84, but forward + backward 6.67 ms
-    to cuDNN's 3.55: this takes the faster of each. Same arguments as `cudnn`. Under differentiation it
-    saves, as `cudnn` does, the residuals of both of `cudnn`'s branches (the one not taken zero-filled:
-    lax.cond's rule), so about one [B, T, N, H] output and a logsumexp more than one kernel alone."""
+    on the band, our flash kernel elsewhere, by `is_band`). "auto" takes it where an H200 timed cuDNN's
+    forward + backward faster than ours (`kernels.hopper_route`). Same arguments as
+    `cudnn`. Under differentiation it saves, as `cudnn` does, the residuals of both of `cudnn`'s
+    branches (the one not taken zero-filled: lax.cond's rule), so about one [B, T, N, H] output and a
+    logsumexp more than one kernel alone."""
     return _trained_on_cudnn(q, k, v, k_start, k_end, float(scale), window, interpret)
 
 

@@ -283,7 +283,7 @@ def test_lowers_for_cuda_at_production_shapes(t, window, mosaic):
     rows = sds((b, t), jnp.int32)
 
     def fwd(q, k, v, ks, ke):
-        return flash_gpu.attention(q, k, v, ks, ke, scale=h**-0.5, mosaic=mosaic)
+        return flash_gpu.attention(q, k, v, ks, ke, scale=h**-0.5, mosaic=mosaic, mosaic_backward=False)
 
     def grads(q, k, v, ks, ke):
         return jax.grad(lambda *a: fwd(*a, ks, ke).astype(jnp.float32).sum(), (0, 1, 2))(q, k, v)
@@ -314,6 +314,28 @@ def test_hopper_backward_lowers_for_cuda_at_production_shapes(t, h, dtype):
     hlo = lower_for_h200(grads, q, kv, kv, rows, rows)
     assert hlo.count("@mosaic_gpu") == 3 and "__gpu$xla.gpu.triton" not in hlo
     assert f"{t}x{t}" not in hlo, "a T x S array was materialized"
+
+
+@pytest.mark.parametrize("dtype,mosaic_backward,want_mosaic,want_triton", [
+    (jnp.bfloat16, None, 3, 0),  # the default on a Hopper GPU: the Hopper forward, dq and dk/dv
+    (jnp.bfloat16, False, 1, 2),  # the Hopper forward, Triton's dq and dk/dv
+    (jnp.float32, None, 0, 3),  # f32: no wgmma kernel serves it, Triton throughout
+])
+def test_hopper_gpu_defaults_to_the_hopper_backward(monkeypatch, dtype, mosaic_backward, want_mosaic, want_triton):
+    """On a Hopper GPU (faked: flash_hopper.on_hopper() is True while lowering for an abstract H200)
+    flash_gpu.attention's gradient runs the Hopper backward by default where the Hopper forward serves."""
+    monkeypatch.setattr(flash_hopper, "on_hopper", lambda: True)
+    b, t, n, kv_heads, h = 1, 1024, 8, 4, 256
+    sds = jax.ShapeDtypeStruct
+    q, kv, rows = sds((b, t, n, h), dtype), sds((b, t, kv_heads, h), dtype), sds((b, t), jnp.int32)
+
+    def grads(q, k, v, ks, ke):
+        loss = lambda *a: flash_gpu.attention(*a, ks, ke, scale=h**-0.5,  # noqa: E731
+                                              mosaic_backward=mosaic_backward).astype(jnp.float32).sum()
+        return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+    hlo = lower_for_h200(grads, q, kv, kv, rows, rows)
+    assert (hlo.count("@mosaic_gpu"), hlo.count("__gpu$xla.gpu.triton")) == (want_mosaic, want_triton)
 
 
 @pytest.mark.parametrize("paired", [False, True])

@@ -261,36 +261,72 @@ def test_auto_on_hopper_trains_through_cudnn(monkeypatch, faked_hopper):
             np.testing.assert_allclose(np.asarray(g2, np.float32), np.asarray(wg), atol=5e-2, rtol=0, err_msg=f"d{name}")
 
 
-def test_auto_trains_through_cudnn_only_where_it_was_timed(monkeypatch):
-    """The cases "auto" keeps on our kernel under differentiation: not a Hopper GPU, f32, a soft-cap,
-    lookahead (image blocks), no causal/window hint, a head_dim cuDNN does not take, a decode step."""
+def test_hopper_route_takes_cudnn_only_where_it_was_timed_faster(monkeypatch):
+    """On a Hopper GPU "auto" takes cuDNN for causal layers, trains windowed ones at head_dim <= 128
+    through it, and keeps ours for windowed layers at head_dim 256 and for every case cuDNN cannot
+    take: not a Hopper GPU, f32, a soft-cap, lookahead (image blocks), no causal/window hint, a head_dim
+    cuDNN does not take, a decode step, a cache."""
     from kernels import flash_hopper
 
     hopper = [True]
     monkeypatch.setattr(flash_hopper, "on_hopper", lambda: hopper[0])
+    route = kernels.hopper_route
     q = jnp.zeros((1, 64, 4, 64), jnp.bfloat16)
-    assert kernels._trains_on_cudnn(q, True, None, 24, None)
-    assert kernels._trains_on_cudnn(q, True, None, None, 0)  # causal: a global layer
-    assert not kernels._trains_on_cudnn(q, False, None, None, None)  # a cache (k_pos) or S != T
-    assert not kernels._trains_on_cudnn(q, True, None, None, None)  # no hint: maybe bidirectional
-    assert not kernels._trains_on_cudnn(q, True, None, 24, 3)
-    assert not kernels._trains_on_cudnn(q, True, 50.0, 24, 0)
-    assert not kernels._trains_on_cudnn(q.astype(jnp.float32), True, None, 24, 0)
-    assert not kernels._trains_on_cudnn(jnp.zeros((1, 64, 4, 36), jnp.bfloat16), True, None, 24, 0)
-    assert not kernels._trains_on_cudnn(jnp.zeros((1, 64, 4, 512), jnp.bfloat16), True, None, 24, 0)
-    assert not kernels._trains_on_cudnn(q[:, :1], True, None, 24, 0)
+    q256 = jnp.zeros((1, 64, 4, 256), jnp.bfloat16)
+    assert route(q, True, None, 24, None) == route(q, True, None, 24, 0) == "trained_on_cudnn"
+    assert route(q.astype(jnp.float16), True, None, 24, 0) == "trained_on_cudnn"
+    assert route(q[..., :128], True, None, 24, 0) == "trained_on_cudnn"
+    assert route(q, True, None, None, 0) == route(q256, True, None, None, 0) == "cudnn"  # global layers
+    assert route(q256, True, None, 24, 0) == "pallas_gpu"  # windowed at Gemma 3's head_dim 256: ours
+    for args in ((q, False, None, None, None),  # a cache (k_pos) or S != T
+                 (q, True, None, None, None),  # no hint: maybe bidirectional
+                 (q, True, None, 24, 3), (q, True, None, None, 3),  # lookahead: image blocks
+                 (q, True, 50.0, 24, 0), (q, True, 50.0, None, 0),
+                 (q.astype(jnp.float32), True, None, None, 0),
+                 (jnp.zeros((1, 64, 4, 36), jnp.bfloat16), True, None, None, 0),
+                 (jnp.zeros((1, 64, 4, 512), jnp.bfloat16), True, None, None, 0),
+                 (q[:, :1], True, None, None, 0)):
+        assert route(*args) == "pallas_gpu", args
     hopper[0] = False
-    assert not kernels._trains_on_cudnn(q, True, None, 24, 0)
+    assert route(q, True, None, 24, 0) == route(q, True, None, None, 0) == "pallas_gpu"
+
+
+def test_auto_on_hopper_routes_each_call_to_its_kernel(monkeypatch, faked_hopper):
+    """The routes as "auto" runs them on a (faked) Hopper GPU, for inference and under differentiation:
+    causal -> jax_ops.cudnn both ways; windowed at head_dim 256 -> our kernel both ways, no cuDNN."""
+    from kernels import flash_gpu, jax_ops
+
+    calls = []
+    for module, name in ((jax_ops, "cudnn"), (jax_ops, "trained_on_cudnn"), (flash_gpu, "attention")):
+        _spy(monkeypatch, module, name, calls, lambda kw, name=name: name)
+    rng = np.random.default_rng(6)
+    b, t, n, kv = 1, 64, 2, 1
+    for h, window, lookahead, want in ((64, None, 0, ["cudnn"]), (256, 16, None, ["attention"])):
+        q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((b, t, n, h), (b, t, kv, h), (b, t, kv, h)))
+        pos = jnp.arange(t, dtype=jnp.int32)[None]
+        ks, ke = (jnp.zeros_like(pos) if window is None else jnp.maximum(pos - window + 1, 0)), pos
+        auto = lambda q, k, v: kernels.attention(q, k, v, ks, ke, impl="auto", window=window,  # noqa: E731
+                                                 lookahead=lookahead)
+        ref = kernels.reference.attention(*(x.astype(jnp.float32) for x in (q, k, v)), ks, ke, scale=h**-0.5)
+        calls.clear()
+        np.testing.assert_allclose(np.asarray(auto(q, k, v), np.float32), ref, atol=2e-2, rtol=0)
+        assert calls[:1] == want, calls
+        calls.clear()
+        jax.grad(lambda q: auto(q, k, v).astype(jnp.float32).sum())(q)
+        assert calls[:1] == want and "trained_on_cudnn" not in calls, calls
+        assert ("cudnn" in calls) == (window is None), calls
 
 
 def test_model_trained_with_auto_on_hopper_goes_through_cudnn(monkeypatch, faked_hopper):
     """The model's own calls carry the hints `auto` needs: under differentiation on a (faked) Hopper GPU
-    every layer of a bf16 model, six windowed and one global (lookahead 0), trains through cuDNN, and the
-    gradients equal the xla model's (bf16: both round the activations)."""
+    every layer of a bf16 model at head_dim 64 trains through cuDNN, the six windowed ones by
+    trained_on_cudnn, the global one (lookahead 0) by cudnn, and the gradients equal the xla model's
+    (bf16: both round the activations)."""
     from kernels import jax_ops
 
     calls = []
     _spy(monkeypatch, jax_ops, "trained_on_cudnn", calls, lambda kw: kw["window"])
+    _spy(monkeypatch, jax_ops, "cudnn", calls, lambda kw: ("cudnn", kw["window"]))
     model = Transformer(_config(attention_impl="xla"), dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
     tokens = _tokens(2, 21, seed=4)
 
@@ -299,7 +335,8 @@ def test_model_trained_with_auto_on_hopper_goes_through_cudnn(monkeypatch, faked
 
     want = nnx.grad(loss)(model)
     got = nnx.grad(loss)(model.with_attention_impl("auto"))
-    assert sorted(calls, key=str) == [8] * 6 + [None], calls  # 6 local layers (window 8), 1 global
+    # 6 local layers (window 8; trained_on_cudnn's forward rule calls cudnn), 1 global
+    assert sorted(calls, key=str) == sorted([8, ("cudnn", 8)] * 6 + [("cudnn", None)], key=str), calls
     for (path, w), (_, g) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got)):  # measured: within 0.5%
         w, g = np.asarray(w[...], np.float32), np.asarray(g[...], np.float32)
         np.testing.assert_allclose(g, w, atol=2e-2 * np.abs(w).max(), rtol=0, err_msg=str(path))
