@@ -42,7 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from kernels import blocks, flash_hopper, flash_hopper_bwd
+from kernels import blocks, flash_hopper, flash_hopper_bwd, reference
 
 EMPTY = blocks.EMPTY  # k_pos of an unused cache slot (and of the wrapper's padding keys)
 _LOG2E = math.log2(math.e)
@@ -366,7 +366,7 @@ def _flash_bwd(cfg: _Config, res, do):
         dq, dk, dv = flash_hopper_bwd.backward(q, k, v, o, lse, do, k_start, k_end, scale=cfg.scale,
                                                interpret=cfg.interpret)
         return dq, dk, dv, jax.tree.map(lambda _: None, meta)
-    delta = jnp.einsum("btnh,btnh->bnt", o.astype(jnp.float32), do.astype(jnp.float32))  # rowsum(dO * O)
+    delta = reference.softmax_delta(o, do)
     dq = _dq_call(cfg, q, k, v, do, lse, delta, meta)
     dk, dv = _dkdv_call(cfg, q, k, v, do, lse, delta, meta)
     return dq, dk, dv, jax.tree.map(lambda _: None, meta)

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import blocks
+from kernels import blocks, reference
 from kernels.flash_hopper import (_LOG2E, TILE, _hull_loops, _InterpretParams, _load_row, _mma, _scores, _visible,
                                   _work_item, tile_meta)
 
@@ -248,7 +248,7 @@ def backward(q, k, v, o, lse, do, k_start, k_end, *, scale: float, interpret: bo
     if t % TILE:
         raise ValueError(f"flash_hopper_bwd.backward needs T a multiple of {TILE}; got {t}")
     cfg = _Config(scale=float(scale), groups=n // kv_heads, interpret=interpret)
-    delta = jnp.einsum("btnh,btnh->bnt", o.astype(jnp.float32), do.astype(jnp.float32))  # rowsum(dO * O)
+    delta = reference.softmax_delta(o, do)
     k_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (bsz, t))
     common = dict(
         num_threads=3,

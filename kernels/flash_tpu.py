@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import blocks
+from kernels import blocks, reference
 
 EMPTY_POS = blocks.EMPTY  # k_pos of an empty cache slot (and of padded keys)
 _LANES = 128
@@ -361,8 +361,7 @@ def _backward(q, k, v, o, lse, do, k_start, k_end, k_pos, cfg: _Config):
     tab = block_tables(k_start, k_end, k_pos, cfg.block_q, cfg.block_k)
     layouts = _layouts(k_start, k_end, k_pos)
     # delta[b, n, t] = sum_h dO * O, lane-replicated like lse.
-    prod = (do.astype(jnp.float32) * o.astype(jnp.float32)).reshape(b, tp, n, cfg.head_dim)
-    delta = jnp.einsum("BTNH->BNT", prod)
+    delta = reference.softmax_delta(*(x.reshape(b, tp, n, cfg.head_dim) for x in (o, do)))
     delta = jnp.broadcast_to(delta[..., None], (b, n, tp, _LANES))
     operands = (q, k, v, do, lse, delta, *layouts)
 

@@ -61,3 +61,9 @@ def attention(
     probs = weights / jnp.where(denom == 0, 1.0, denom)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def softmax_delta(o: jax.Array, do: jax.Array) -> jax.Array:
+    """f32 [B, N, T]: rowsum(dO * O) of o, do [B, T, N, H], the term every flash backward subtracts from
+    dP = dO V^T to form dS = P * (dP - delta) (the softmax's Jacobian applied row by row)."""
+    return jnp.einsum("btnh,btnh->bnt", o.astype(jnp.float32), do.astype(jnp.float32))

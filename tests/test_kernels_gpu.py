@@ -259,18 +259,9 @@ def test_rejects_bad_block_size():
 PRODUCTION = [(32768, 1024), (8192, 1024)]
 
 
-def lower_for_h200(f, *args) -> str:
-    """HLO text of jit(f) lowered for CUDA through an abstract H200 (no GPU needed)."""
-    if not hasattr(jax.sharding, "AbstractDevice"):
-        pytest.skip("this jax has no jax.sharding.AbstractDevice to lower for an absent GPU")
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
-        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-
 @pytest.mark.parametrize("mosaic", [False, True])
 @pytest.mark.parametrize("t,window", PRODUCTION)
-def test_lowers_for_cuda_at_production_shapes(t, window, mosaic):
+def test_lowers_for_cuda_at_production_shapes(t, window, mosaic, lower_for_h200):
     """Forward and backward lower for an H200 at B=1, N=8, K=4, H=256, bf16: Triton custom calls, or with
     mosaic=True the Hopper forward (a Mosaic GPU custom call) and the Triton backward.
 
@@ -298,7 +289,7 @@ def test_lowers_for_cuda_at_production_shapes(t, window, mosaic):
 
 @pytest.mark.parametrize("t,h,dtype", [(32768, 256, jnp.bfloat16), (8192, 256, jnp.bfloat16),
                                        (1024, 128, jnp.float16), (1024, 64, jnp.bfloat16)])
-def test_hopper_backward_lowers_for_cuda_at_production_shapes(t, h, dtype):
+def test_hopper_backward_lowers_for_cuda_at_production_shapes(t, h, dtype, lower_for_h200):
     """mosaic_backward=True at B=1, N=8, K=4 (Gemma 3's H = 256 at 8K and 32K; H = 128 and 64 for the
     other tilings): the gradient is three Mosaic GPU calls (the forward, dq, dk/dv), no Triton, each
     within the 227 KB of shared memory and the wgmma tiling rules Mosaic GPU checks while lowering."""
@@ -321,7 +312,8 @@ def test_hopper_backward_lowers_for_cuda_at_production_shapes(t, h, dtype):
     (jnp.bfloat16, False, 1, 2),  # the Hopper forward, Triton's dq and dk/dv
     (jnp.float32, None, 0, 3),  # f32: no wgmma kernel serves it, Triton throughout
 ])
-def test_hopper_gpu_defaults_to_the_hopper_backward(monkeypatch, dtype, mosaic_backward, want_mosaic, want_triton):
+def test_hopper_gpu_defaults_to_the_hopper_backward(monkeypatch, lower_for_h200, dtype, mosaic_backward, want_mosaic,
+                                                   want_triton):
     """On a Hopper GPU (faked: flash_hopper.on_hopper() is True while lowering for an abstract H200)
     flash_gpu.attention's gradient runs the Hopper backward by default where the Hopper forward serves."""
     monkeypatch.setattr(flash_hopper, "on_hopper", lambda: True)
@@ -339,7 +331,7 @@ def test_hopper_gpu_defaults_to_the_hopper_backward(monkeypatch, dtype, mosaic_b
 
 
 @pytest.mark.parametrize("paired", [False, True])
-def test_persistent_hopper_forward_lowers_within_shared_memory(paired):
+def test_persistent_hopper_forward_lowers_within_shared_memory(paired, lower_for_h200):
     """The persistent Hopper forward (one CTA per SM of an H200) at H = 256 keeps a second O buffer
     beside Q and the K/V ring: 224 KB. Mosaic GPU checks the 227 KB bound while lowering. Also with
     paired tiles (two q heads per tile), which index Q, O and the logsumexp by warpgroup."""
