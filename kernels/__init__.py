@@ -13,9 +13,8 @@ each query may see. Implementations:
   splash      jax's TPU splash attention (band masks; other intervals take pallas_tpu at run time)
   cudnn       jax.nn.dot_product_attention through cuDNN (band masks without padding; other
               intervals take pallas_gpu at run time)
-  auto        pallas_tpu on TPU, pallas_gpu on GPU, xla on CPU; on a Hopper GPU, where cuDNN was
-              timed faster (`hopper_route`), causal layers go to cudnn and windowed ones at
-              head_dim <= 128 are differentiated through cuDNN (jax_ops.trained_on_cudnn)
+  auto        pallas_tpu on TPU, pallas_gpu on GPU, xla on CPU; on a Hopper GPU causal layers go
+              to cudnn, where it was timed faster (`hopper_route`)
 
 On a CPU backend the Pallas implementations run in interpret mode.
 """
@@ -44,32 +43,26 @@ def resolve(impl: str, platform: str | None = None) -> str:
 
 def hopper_route(q: jax.Array, band: bool, softcap: float | None, window: int | None,
                  lookahead: int | None) -> str:
-    """Where "auto" sends a call on a Hopper GPU, by what an H200 measured (benchmarks/RESULTS.md, run G;
-    bf16, forward + backward unless said):
+    """Where "auto" sends a call on a Hopper GPU, "cudnn" or "pallas_gpu", by what an H200 measured
+    (benchmarks/RESULTS.md, run G; bf16):
 
-      "cudnn"             causal (lookahead 0, no window): cuDNN forward and backward. T = 32K, H = 256:
-                          forward 6.8 ms to ours 7.6, forward + backward 36.1 to 37.9; H = 128, T = 16K:
-                          15.0 to 22.1.
-      "trained_on_cudnn"  windowed at head_dim <= 128: our forward for inference (not timed against
-                          cuDNN's there), cuDNN's forward + backward under differentiation (B = 2,
-                          T = 4K, W = 1024: 1.02 ms to ours 1.06).
-      "pallas_gpu"        everything else: ours. Windowed at head_dim 256 (every Gemma 3 size but 27B)
-                          our forward ties cuDNN's (0.67 ms each at T = 32K, W = 1024) and our forward +
-                          backward beats it, 3.0 ms to 3.5 (0.64 to 0.96 at T = 2K, W = 512).
+      "cudnn"       causal self-attention (hinted lookahead 0, no window): cuDNN forward and backward.
+                    T = 32K, head_dim 256: forward 6.8 ms to ours 7.6, forward + backward 36.1 to 37.9;
+                    head_dim 128 (27B's), T = 16K: forward + backward 15.0 to 22.1.
+      "pallas_gpu"  everything else: ours. Windowed layers: our forward ties cuDNN's (1.01x at T = 32K,
+                    W = 1024) and forward + backward beats it at head_dim 256, 3.0 ms to 3.5 (0.64 to
+                    0.96 at T = 2K, W = 512), and is within timing noise of it at 128 (1.06 to 1.02).
 
-    cuDNN's routes need bf16/f16 self-attention hinted causal or windowed with lookahead 0 (the
-    intervals are checked at run time: `jax_ops.cudnn` sends others to our kernel), no soft-cap, T > 1
-    and a head_dim cuDNN takes (a multiple of 8 up to 256)."""
+    The cuDNN route also needs bf16/f16, no soft-cap, T > 1 and a head_dim cuDNN takes (a multiple of 8
+    up to 256); intervals that are not the causal band at run time (padding, packed segments) still
+    take our kernel (`jax_ops.cudnn`'s run-time check)."""
     from kernels import flash_hopper
 
-    hinted = window is not None or lookahead is not None
-    cudnn_serves = (band and hinted and not lookahead and softcap is None and q.shape[1] > 1
-                    and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and q.dtype in (jnp.bfloat16, jnp.float16))
-    if not (cudnn_serves and flash_hopper.on_hopper()):
-        return "pallas_gpu"
-    if window is None:
+    causal = band and window is None and lookahead == 0
+    if (causal and softcap is None and q.shape[1] > 1 and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+            and q.dtype in (jnp.bfloat16, jnp.float16) and flash_hopper.on_hopper()):
         return "cudnn"
-    return "trained_on_cudnn" if q.shape[-1] <= 128 else "pallas_gpu"
+    return "pallas_gpu"
 
 
 def attention(
@@ -117,9 +110,6 @@ def attention(
     args = (q, k, v, k_start, k_end)
     if requested == "auto" and impl == "pallas_gpu":
         impl = hopper_route(q, band, softcap, window, lookahead)
-        if impl == "trained_on_cudnn":
-            from kernels import jax_ops
-            return jax_ops.trained_on_cudnn(*args, scale=scale, window=window, interpret=interpret)
     if impl in BAND_ONLY:
         if not band or lookahead:
             raise ValueError(f"impl {impl!r} serves only causal/window self-attention; "

@@ -11,7 +11,7 @@ Layout and work split (bq, bk: query and key block sizes):
 GQA is native: q head n reads kv head n // G straight from k, v [B, S, K, H].
 On a Hopper GPU bf16/f16 self-attention runs in Mosaic GPU kernels instead (wgmma, TMA, warp
 specialisation): the forward in `kernels.flash_hopper`, the backward in `kernels.flash_hopper_bwd`
-(measured 2.2x faster than these at H = 256, 1.2x at H = 128: benchmarks/RESULTS.md, run G). The
+(measured 1.9-2.3x faster than these at H = 256, 1.2x at H = 128: benchmarks/RESULTS.md, run G). The
 Hopper forward leaves the same logsumexp as this one, so either backward can follow either forward.
 
 Block skipping never builds a T x S mask. Small XLA reductions give, per query block, the

@@ -1,5 +1,4 @@
-"""jax's own attention kernels behind our interval contract: TPU splash attention and cuDNN; and
-`trained_on_cudnn`, our flash forward whose differentiation goes through cuDNN.
+"""jax's own attention kernels behind our interval contract: TPU splash attention and cuDNN.
 
 Both take static masks, so they serve only the band case: self-attention
 (S == T, keys at positions 0..T-1) where query t sees the real keys of [t - W + 1, t]
@@ -126,35 +125,3 @@ def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array, k_end: j
         return flash_gpu.attention(q, k, v, k_start, k_end, scale=scale, interpret=interpret)
 
     return jax.lax.cond(is_band(k_start, k_end, window, padding=False), fused, exact, q, k, v)
-
-
-def trained_on_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array, k_end: jax.Array, *,
-                     scale: float, window: int | None, interpret: bool = False) -> jax.Array:
-    """Our flash forward (kernels.flash_gpu: the Hopper kernel where it serves) when only the value is
-    asked for; under differentiation the forward and backward of `cudnn` instead (cuDNN's fused kernels
-    on the band, our flash kernel elsewhere, by `is_band`). "auto" takes it where an H200 timed cuDNN's
-    forward + backward faster than ours (`kernels.hopper_route`). Same arguments as
-    `cudnn`. Under differentiation it saves, as `cudnn` does, the residuals of both of `cudnn`'s
-    branches (the one not taken zero-filled: lax.cond's rule), so about one [B, T, N, H] output and a
-    logsumexp more than one kernel alone."""
-    return _trained_on_cudnn(q, k, v, k_start, k_end, float(scale), window, interpret)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _trained_on_cudnn(q, k, v, k_start, k_end, scale, window, interpret):
-    from kernels import flash_gpu
-
-    return flash_gpu.attention(q, k, v, k_start, k_end, scale=scale, interpret=interpret)
-
-
-def _trained_on_cudnn_fwd(q, k, v, k_start, k_end, scale, window, interpret):
-    attend = lambda q, k, v: cudnn(q, k, v, k_start, k_end, scale=scale, window=window, interpret=interpret)  # noqa: E731
-    out, pullback = jax.vjp(attend, q, k, v)  # pullback: a pytree holding cuDNN's residuals
-    return out, pullback
-
-
-def _trained_on_cudnn_bwd(scale, window, interpret, pullback, dout):
-    return (*pullback(dout), None, None)  # no cotangent for the integer intervals
-
-
-_trained_on_cudnn.defvjp(_trained_on_cudnn_fwd, _trained_on_cudnn_bwd)

@@ -66,4 +66,4 @@ def attention(
 def softmax_delta(o: jax.Array, do: jax.Array) -> jax.Array:
     """f32 [B, N, T]: rowsum(dO * O) of o, do [B, T, N, H], the term every flash backward subtracts from
     dP = dO V^T to form dS = P * (dP - delta) (the softmax's Jacobian applied row by row)."""
-    return jnp.einsum("btnh,btnh->bnt", o.astype(jnp.float32), do.astype(jnp.float32))
+    return jnp.einsum("btnh->bnt", o.astype(jnp.float32) * do.astype(jnp.float32))  # exact: no matmul pass

@@ -156,10 +156,12 @@ def test_backward_matches_reference_gradients(name):
 
 
 @needs_interpreter
-def test_flash_gpu_with_hopper_backward_pads_and_differentiates():
-    """flash_gpu.attention(mosaic=True, mosaic_backward=True): T padded to whole tiles, GQA, ragged rows,
-    and rows whose interval reaches past the last key (as an image block at the end may), which must
-    not reach the padding keys; both directions by the Hopper kernels vs the reference."""
+@pytest.mark.parametrize("mosaic", [True, False])
+def test_flash_gpu_with_hopper_backward_pads_and_differentiates(mosaic):
+    """flash_gpu.attention(mosaic_backward=True): T padded to whole tiles, GQA, ragged rows, and rows
+    whose interval reaches past the last key (as an image block at the end may), which must not reach
+    the padding keys; the backward by the Hopper kernels after the Hopper forward (mosaic=True) or the
+    Triton one (mosaic=False: its logsumexp serves the Hopper backward too) vs the reference."""
     b, t, heads, kv_heads, h, window = 2, 200, 4, 2, 64, 40
     q, k, v, ks, ke = inputs(6, b, t, heads, kv_heads, h, window, [5, 33], jnp.bfloat16)
     ke = np.where(np.arange(t) > 150, t + 40, ke).astype(np.int32)
@@ -167,7 +169,7 @@ def test_flash_gpu_with_hopper_backward_pads_and_differentiates():
     scale = h**-0.5
 
     def attend(q, k, v):
-        return flash_gpu.attention(q, k, v, ks, ke, scale=scale, mosaic=True, mosaic_backward=True,
+        return flash_gpu.attention(q, k, v, ks, ke, scale=scale, mosaic=mosaic, mosaic_backward=True,
                                    interpret=not ON_HOPPER)
 
     def loss(q, k, v):

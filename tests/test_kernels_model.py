@@ -214,27 +214,27 @@ def _spy(monkeypatch, module, name: str, calls: list, record):
     monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(record(kw)) or real(*a, **kw))
 
 
-def test_auto_on_hopper_trains_through_cudnn(monkeypatch, faked_hopper):
+def test_auto_on_hopper_runs_causal_layers_through_cudnn(monkeypatch, faked_hopper):
     """On a Hopper GPU (faked: on CPU cuDNN is jax.nn.dot_product_attention's XLA path and our kernels run
-    interpreted) "auto" takes pallas_gpu's forward when only the value is asked for, and cuDNN's forward
-    and backward under differentiation: its fused branch on the band, its exact branch (our kernel) on
-    left-padded rows. Values and gradients equal the reference's, also under jit and remat."""
+    interpreted) "auto" sends a causal layer through `jax_ops.cudnn`, for inference and under
+    differentiation: its fused branch on the band, its exact branch (our kernel) on left-padded rows.
+    Values and gradients equal the reference's, also under jit and remat."""
     from kernels import flash_gpu, jax_ops, reference
 
     calls = []
     for module, name in ((jax_ops, "cudnn"), (flash_gpu, "attention")):
         _spy(monkeypatch, module, name, calls, lambda kw, name=name: name)
-    b, t, n, kv, h, w = 2, 64, 4, 2, 64, 24
+    b, t, n, kv, h = 2, 64, 4, 2, 64
     scale = h**-0.5
     rng = np.random.default_rng(5)
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((b, t, n, h), (b, t, kv, h), (b, t, kv, h)))
     dout = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
     pos = np.arange(t)[None]
-    auto = lambda *a: kernels.attention(*a, impl="auto", window=w)  # noqa: E731
+    auto = lambda *a: kernels.attention(*a, impl="auto", lookahead=0)  # noqa: E731
     for pad in ([0, 0], [0, 9]):  # the band; then 9 rows of left padding in the second sequence
-        ks = jnp.asarray(np.maximum(pos - w + 1, np.array(pad)[:, None]), jnp.int32)
+        ks = jnp.asarray(np.broadcast_to(np.array(pad)[:, None], (b, t)), jnp.int32)
         ke = jnp.asarray(np.where(pos < np.array(pad)[:, None], -1, pos), jnp.int32)
-        fused = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=(w - 1, 0))
+        fused = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
         ours = flash_gpu.attention(q, k, v, ks, ke, scale=scale, interpret=True)
         assert not np.array_equal(np.asarray(fused), np.asarray(ours))  # so the branch taken shows below
 
@@ -247,12 +247,12 @@ def test_auto_on_hopper_trains_through_cudnn(monkeypatch, faked_hopper):
             want_grads = jax.grad(loss(lambda *a: reference.attention(*a, scale=scale)), (0, 1, 2))(*f32)
         calls.clear()
         out = auto(q, k, v, ks, ke)
-        assert calls == ["attention"], calls  # inference: our kernel alone
-        np.testing.assert_array_equal(np.asarray(out), np.asarray(ours))
+        assert calls[:1] == ["cudnn"], calls
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(fused if pad == [0, 0] else ours))
         np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=0)
         calls.clear()
         out, pullback = jax.vjp(lambda q, k, v: auto(q, k, v, ks, ke), q, k, v)
-        assert "cudnn" in calls, calls
+        assert calls[:1] == ["cudnn"], calls
         np.testing.assert_array_equal(np.asarray(out), np.asarray(fused if pad == [0, 0] else ours))
         grads = pullback(dout.astype(jnp.bfloat16))
         remat = jax.jit(jax.grad(jax.checkpoint(loss(auto)), (0, 1, 2)))(q, k, v)
@@ -262,46 +262,43 @@ def test_auto_on_hopper_trains_through_cudnn(monkeypatch, faked_hopper):
 
 
 def test_hopper_route_takes_cudnn_only_where_it_was_timed_faster(monkeypatch):
-    """On a Hopper GPU "auto" takes cuDNN for causal layers, trains windowed ones at head_dim <= 128
-    through it, and keeps ours for windowed layers at head_dim 256 and for every case cuDNN cannot
-    take: not a Hopper GPU, f32, a soft-cap, lookahead (image blocks), no causal/window hint, a head_dim
-    cuDNN does not take, a decode step, a cache."""
+    """On a Hopper GPU "auto" takes cuDNN for causal layers and keeps ours for windowed ones (any
+    head_dim) and for every case cuDNN cannot take: not a Hopper GPU, f32, a soft-cap, lookahead (image
+    blocks), no causal hint, a head_dim cuDNN does not take, a decode step, a cache."""
     from kernels import flash_hopper
 
     hopper = [True]
     monkeypatch.setattr(flash_hopper, "on_hopper", lambda: hopper[0])
     route = kernels.hopper_route
-    q = jnp.zeros((1, 64, 4, 64), jnp.bfloat16)
-    q256 = jnp.zeros((1, 64, 4, 256), jnp.bfloat16)
-    assert route(q, True, None, 24, None) == route(q, True, None, 24, 0) == "trained_on_cudnn"
-    assert route(q.astype(jnp.float16), True, None, 24, 0) == "trained_on_cudnn"
-    assert route(q[..., :128], True, None, 24, 0) == "trained_on_cudnn"
-    assert route(q, True, None, None, 0) == route(q256, True, None, None, 0) == "cudnn"  # global layers
-    assert route(q256, True, None, 24, 0) == "pallas_gpu"  # windowed at Gemma 3's head_dim 256: ours
-    for args in ((q, False, None, None, None),  # a cache (k_pos) or S != T
-                 (q, True, None, None, None),  # no hint: maybe bidirectional
-                 (q, True, None, 24, 3), (q, True, None, None, 3),  # lookahead: image blocks
-                 (q, True, 50.0, 24, 0), (q, True, 50.0, None, 0),
-                 (q.astype(jnp.float32), True, None, None, 0),
+    q = {h: jnp.zeros((1, 64, 4, h), jnp.bfloat16) for h in (64, 128, 256)}
+    for h in (64, 128, 256):
+        assert route(q[h], True, None, None, 0) == route(q[h].astype(jnp.float16), True, None, None, 0) == "cudnn"
+        assert route(q[h], True, None, 24, 0) == route(q[h], True, None, 24, None) == "pallas_gpu"  # windowed
+    for args in ((q[64], False, None, None, 0),  # a cache (k_pos) or S != T
+                 (q[64], True, None, None, None),  # no hint: maybe bidirectional
+                 (q[64], True, None, None, 3),  # lookahead: image blocks
+                 (q[64], True, 50.0, None, 0),
+                 (q[64].astype(jnp.float32), True, None, None, 0),
                  (jnp.zeros((1, 64, 4, 36), jnp.bfloat16), True, None, None, 0),
                  (jnp.zeros((1, 64, 4, 512), jnp.bfloat16), True, None, None, 0),
-                 (q[:, :1], True, None, None, 0)):
+                 (q[64][:, :1], True, None, None, 0)):
         assert route(*args) == "pallas_gpu", args
     hopper[0] = False
-    assert route(q, True, None, 24, 0) == route(q, True, None, None, 0) == "pallas_gpu"
+    assert route(q[64], True, None, None, 0) == "pallas_gpu"
 
 
 def test_auto_on_hopper_routes_each_call_to_its_kernel(monkeypatch, faked_hopper):
     """The routes as "auto" runs them on a (faked) Hopper GPU, for inference and under differentiation:
-    causal -> jax_ops.cudnn both ways; windowed at head_dim 256 -> our kernel both ways, no cuDNN."""
+    causal -> jax_ops.cudnn both ways; windowed -> our kernel both ways, no cuDNN."""
     from kernels import flash_gpu, jax_ops
 
     calls = []
-    for module, name in ((jax_ops, "cudnn"), (jax_ops, "trained_on_cudnn"), (flash_gpu, "attention")):
+    for module, name in ((jax_ops, "cudnn"), (flash_gpu, "attention")):
         _spy(monkeypatch, module, name, calls, lambda kw, name=name: name)
     rng = np.random.default_rng(6)
     b, t, n, kv = 1, 64, 2, 1
-    for h, window, lookahead, want in ((64, None, 0, ["cudnn"]), (256, 16, None, ["attention"])):
+    for h, window, lookahead, want in ((64, None, 0, ["cudnn"]), (256, 16, None, ["attention"]),
+                                       (64, 16, 0, ["attention"])):
         q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((b, t, n, h), (b, t, kv, h), (b, t, kv, h)))
         pos = jnp.arange(t, dtype=jnp.int32)[None]
         ks, ke = (jnp.zeros_like(pos) if window is None else jnp.maximum(pos - window + 1, 0)), pos
@@ -313,31 +310,34 @@ def test_auto_on_hopper_routes_each_call_to_its_kernel(monkeypatch, faked_hopper
         assert calls[:1] == want, calls
         calls.clear()
         jax.grad(lambda q: auto(q, k, v).astype(jnp.float32).sum())(q)
-        assert calls[:1] == want and "trained_on_cudnn" not in calls, calls
+        assert calls[:1] == want, calls
         assert ("cudnn" in calls) == (window is None), calls
 
 
-def test_model_trained_with_auto_on_hopper_goes_through_cudnn(monkeypatch, faked_hopper):
+def test_model_trained_with_auto_on_hopper_routes_its_layers(monkeypatch, faked_hopper):
     """The model's own calls carry the hints `auto` needs: under differentiation on a (faked) Hopper GPU
-    every layer of a bf16 model at head_dim 64 trains through cuDNN, the six windowed ones by
-    trained_on_cudnn, the global one (lookahead 0) by cudnn, and the gradients equal the xla model's
-    (bf16: both round the activations)."""
-    from kernels import jax_ops
+    the global layer of a bf16 model (lookahead 0) trains through cuDNN and the six windowed ones through
+    our kernel. Its gradients are as close to the f32 model's as the bf16 xla model's are: bf16 alone
+    puts 2-4% on each parameter's gradient (measured; the two bf16 models differ from each other by as
+    much), so the bound is relative to that rounding, not to the other bf16 model."""
+    from kernels import flash_gpu, jax_ops
 
     calls = []
-    _spy(monkeypatch, jax_ops, "trained_on_cudnn", calls, lambda kw: kw["window"])
     _spy(monkeypatch, jax_ops, "cudnn", calls, lambda kw: ("cudnn", kw["window"]))
-    model = Transformer(_config(attention_impl="xla"), dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    _spy(monkeypatch, flash_gpu, "attention", calls, lambda kw: "ours")
     tokens = _tokens(2, 21, seed=4)
 
-    def loss(m):
-        return m(tokens).astype(jnp.float32).std()
+    def grads(dtype, impl):
+        model = Transformer(_config(attention_impl="xla"), dtype=dtype, rngs=nnx.Rngs(1))
+        got = nnx.grad(lambda m: m(tokens).astype(jnp.float32).std())(model.with_attention_impl(impl))
+        return [np.asarray(g[...], np.float32) for _, g in nnx.to_flat_state(got)]
 
-    want = nnx.grad(loss)(model)
-    got = nnx.grad(loss)(model.with_attention_impl("auto"))
-    # 6 local layers (window 8; trained_on_cudnn's forward rule calls cudnn), 1 global
-    assert sorted(calls, key=str) == sorted([8, ("cudnn", 8)] * 6 + [("cudnn", None)], key=str), calls
-    for (path, w), (_, g) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got)):  # measured: within 0.5%
-        w, g = np.asarray(w[...], np.float32), np.asarray(g[...], np.float32)
-        np.testing.assert_allclose(g, w, atol=2e-2 * np.abs(w).max(), rtol=0, err_msg=str(path))
-        assert np.linalg.norm(g - w) <= 2e-2 * np.linalg.norm(w), path
+    exact, rounded = grads(jnp.float32, "xla"), grads(jnp.bfloat16, "xla")
+    calls.clear()
+    routed = grads(jnp.bfloat16, "auto")
+    # 6 local layers to ours; the global one to cudnn, whose exact branch (ours) is traced too
+    assert sorted(calls, key=str) == sorted(["ours"] * 7 + [("cudnn", None)], key=str), calls
+    err = lambda gs: np.array([np.linalg.norm(g - e) for g, e in zip(gs, exact)])  # noqa: E731
+    ours, xla = err(routed), err(rounded)
+    assert np.sqrt(np.sum(ours**2) / np.sum(xla**2)) <= 1.25  # measured 0.99
+    assert np.all(ours <= 2 * xla), ours / xla  # per parameter, measured at most 1.42
