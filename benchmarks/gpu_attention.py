@@ -268,22 +268,33 @@ def prefill(smoke: bool, bw: float, rate: float):
         h, w = 64, 64
     for t in lengths:
         for window in (w, None):
-            q, k, v = qkv(jax.random.key(t), 1, t, t, n, kvh, h, jnp.bfloat16)
-            ks, ke = band(1, t, window)
-            pairs = t * min(window or t, t) - (min(window or t, t) ** 2) // 2 if window else t * (t + 1) // 2
-            flops = 4 * n * h * pairs
-            nbytes = 2 * (2 * t * n * h + 2 * t * kvh * h)
-            floor = max(flops / rate, nbytes / bw)
-            dout = jax.random.normal(jax.random.key(1), q.shape, jnp.bfloat16)
-            name = f"prefill T={t} {'local W=' + str(window) if window else 'global'}"
-            for impl in ("pallas_gpu", "auto", "pallas_gpu triton", "cudnn", "xla"):
-                if impl in SKIP:
-                    continue
-                if impl == "xla" and window is None and t > 8192:
-                    say(f"{name:28s} {impl:17s} skipped (its T x T scores exceed memory)")
-                    continue
-                f = prefill_fn(impl, window)
-                time_row(name, impl, f, grad_fn(f), (q, k, v, ks, ke), flops, floor, grad_args=(dout,))
+            time_band(f"prefill T={t} {'local W=' + str(window) if window else 'global'}",
+                      ("pallas_gpu", "auto", "pallas_gpu triton", "cudnn", "xla"), 1, t, n, kvh, h, window, bw, rate)
+
+
+def visible_pairs(t: int, window: int | None) -> int:
+    """(query, key) pairs a causal band over T positions holds: window W, or None (causal)."""
+    w = min(window or t, t)
+    return t * w - w * w // 2 if window else t * (t + 1) // 2
+
+
+def time_band(name: str, impls, b: int, t: int, n: int, kvh: int, h: int, window: int | None, bw: float,
+              rate: float):
+    """Forward and forward + backward of each impl on one band case: random bf16 q, k, v [B, T, N / K, H]
+    and dO; FLOPs of the visible pairs; floor from the measured ceilings."""
+    q, k, v = qkv(jax.random.key(t), b, t, t, n, kvh, h, jnp.bfloat16)
+    ks, ke = band(b, t, window)
+    flops = 4 * b * n * h * visible_pairs(t, window)
+    floor = max(flops / rate, 2 * (2 * b * t * n * h + 2 * b * t * kvh * h) / bw)
+    dout = jax.random.normal(jax.random.key(1), q.shape, jnp.bfloat16)
+    for impl in impls:
+        if impl in SKIP:
+            continue
+        if impl == "xla" and window is None and t > 8192:
+            say(f"{name:28s} {impl:17s} skipped (its T x T scores exceed memory)")
+            continue
+        f = prefill_fn(impl, window)
+        time_row(name, impl, f, grad_fn(f), (q, k, v, ks, ke), flops, floor, grad_args=(dout,))
 
 
 def grad_fn(f):
@@ -305,17 +316,8 @@ def route(smoke: bool, bw: float, rate: float):
     for b, t, n, kvh, h, w in ROUTE_CASES[1:] if smoke else ROUTE_CASES:  # smoke: a causal and a windowed case
         if smoke:
             t, n, kvh, h, w = 256, 4, 2, 64, w and 64
-        q, k, v = qkv(jax.random.key(t), b, t, t, n, kvh, h, jnp.bfloat16)
-        ks, ke = band(b, t, w)
-        pairs = t * (t + 1) // 2 if w is None else t * w - w * w // 2
-        flops = 4 * b * n * h * pairs
-        floor = max(flops / rate, 2 * (2 * b * t * n * h + 2 * b * t * kvh * h) / bw)
-        dout = jax.random.normal(jax.random.key(1), q.shape, jnp.bfloat16)
-        name = f"route B={b} T={t} {n}/{kvh}x{h} {'W=' + str(w) if w else 'causal'}"
-        for impl in ("pallas_gpu", "pallas_gpu triton", "cudnn", "auto"):
-            if impl not in SKIP:
-                f = prefill_fn(impl, w)
-                time_row(name, impl, f, grad_fn(f), (q, k, v, ks, ke), flops, floor, grad_args=(dout,))
+        time_band(f"route B={b} T={t} {n}/{kvh}x{h} {'W=' + str(w) if w else 'causal'}",
+                  ("pallas_gpu", "pallas_gpu triton", "cudnn", "auto"), b, t, n, kvh, h, w, bw, rate)
 
 
 def time_row(name: str, impl: str, f, fb, args, flops: float, floor: float, reps: int = 10,
@@ -348,7 +350,7 @@ def local_case(smoke: bool, window: int | None = None):
     n, kvh, h, w, t = (8, 4, 64, 64, 512) if smoke else (8, 4, 256, 1024, 32768)
     w = window or w
     q, k, v = qkv(jax.random.key(t), 1, t, t, n, kvh, h, jnp.bfloat16)
-    return (q, k, v), band(1, t, w), w, 4 * n * h * (t * w - w * w // 2)
+    return (q, k, v), band(1, t, w), w, 4 * n * h * visible_pairs(t, w)
 
 
 def forward_impls():

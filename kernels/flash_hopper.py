@@ -2,8 +2,8 @@
 
 Serves the prefill / training shape: self-attention (S == T) with key positions s, bf16 or f16,
 head_dim a multiple of 64 up to 256, no soft-cap. `flash_gpu` routes that shape here on a Hopper
-GPU and keeps its Triton kernels for the rest and for the backward, which reads this forward's
-logsumexp (same layout and units: [B, N, T] f32, log2, scale folded in).
+GPU and keeps its Triton kernels for the rest. Either backward (`flash_hopper_bwd`, the default there,
+or Triton's) reads this forward's logsumexp (same layout and units: [B, N, T] f32, log2, scale folded in).
 
 A work item is a tile of 2 * bq query rows of one q head (paired: bq rows of two q heads); a CTA
 serves one item (or, persistent, every `ctas`-th: then each warpgroup loads the next item's Q once its
