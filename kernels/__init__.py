@@ -10,9 +10,11 @@ each query may see. Implementations:
               bf16/f16 self-attention runs in Pallas Mosaic GPU instead (kernels.flash_hopper and
               flash_hopper_bwd: wgmma + TMA); decode steps (T == 1) go to the split-K decode
               kernel (kernels.decode)
-  splash      jax's TPU splash attention (band masks; other intervals take pallas_tpu at run time)
-  cudnn       jax.nn.dot_product_attention through cuDNN (band masks without padding; other
-              intervals take pallas_gpu at run time)
+  splash      jax's TPU splash attention on band masks; everything else (caches, lookahead,
+              intervals found not to be the band at run time) takes pallas_tpu
+  cudnn       jax.nn.dot_product_attention through cuDNN on band masks without padding; everything
+              else (caches, lookahead, soft-cap, f32 on a GPU, other intervals at run time) takes
+              pallas_gpu
   auto        pallas_tpu on TPU, pallas_gpu on GPU, xla on CPU; on a Hopper GPU causal layers go
               to cudnn, where it was timed faster (`hopper_route`)
 
@@ -27,7 +29,8 @@ import jax.numpy as jnp
 from kernels import reference
 
 IMPLS = ("xla", "pallas_tpu", "pallas_gpu", "splash", "cudnn")
-BAND_ONLY = ("splash", "cudnn")  # need the plain causal/window mask: a `window` hint and lookahead 0
+BAND_ONLY = {"splash": "pallas_tpu", "cudnn": "pallas_gpu"}  # serve the plain causal/window mask; the
+# flash kernel each one hands the rest to
 BANDED_MIN_LEN = 4  # the banded XLA path pays off once T spans this many windows
 
 
@@ -53,14 +56,13 @@ def hopper_route(q: jax.Array, band: bool, softcap: float | None, window: int | 
                     W = 1024) and forward + backward beats it at head_dim 256, 3.0 ms to 3.5 (0.64 to
                     0.96 at T = 2K, W = 512), and is within timing noise of it at 128 (1.06 to 1.02).
 
-    The cuDNN route also needs bf16/f16, no soft-cap, T > 1 and a head_dim cuDNN takes (a multiple of 8
-    up to 256); intervals that are not the causal band at run time (padding, packed segments) still
-    take our kernel (`jax_ops.cudnn`'s run-time check)."""
-    from kernels import flash_hopper
+    The cuDNN route also needs T > 1 and operands cuDNN takes (`jax_ops.cudnn_serves`); intervals
+    that are not the causal band at run time (padding, packed segments) still take our kernel
+    (`jax_ops.cudnn`'s run-time check)."""
+    from kernels import flash_hopper, jax_ops
 
     causal = band and window is None and lookahead == 0
-    if (causal and softcap is None and q.shape[1] > 1 and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
-            and q.dtype in (jnp.bfloat16, jnp.float16) and flash_hopper.on_hopper()):
+    if causal and q.shape[1] > 1 and jax_ops.cudnn_serves(q, softcap, interpret=False) and flash_hopper.on_hopper():
         return "cudnn"
     return "pallas_gpu"
 
@@ -86,9 +88,10 @@ def attention(
     (S == T, no k_pos): every query t only sees keys in [t - window + 1, t + lookahead]
     (lookahead 0: causal). They let the band paths run: the banded XLA
     fallback, and splash / cudnn, which serve only the plain causal/window mask
-    (lookahead must be 0; padding rows are those with an empty interval). Under splash / cudnn,
-    intervals that turn out at run time not to be that band (packed segments, another window) take
-    the flash kernel instead, so the result is always the intervals' attention.
+    (lookahead 0 or None; padding rows are those with an empty interval). Calls splash / cudnn cannot
+    serve (a cache, lookahead, operands cuDNN refuses) run on the flash kernel for the same platform
+    (pallas_tpu / pallas_gpu), as do intervals that turn out at run time not to be the band (packed
+    segments, another window): the result is always the intervals' attention.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects q [B,T,N,H] and k, v [B,S,K,H]; got {q.shape}, {k.shape}, {v.shape}")
@@ -111,15 +114,13 @@ def attention(
     if requested == "auto" and impl == "pallas_gpu":
         impl = hopper_route(q, band, softcap, window, lookahead)
     if impl in BAND_ONLY:
-        if not band or lookahead:
-            raise ValueError(f"impl {impl!r} serves only causal/window self-attention; "
-                             "use pallas_tpu, pallas_gpu or xla for caches, image blocks or lookahead")
         from kernels import jax_ops
-        if impl == "splash":
+        if not band or lookahead or (impl == "cudnn" and not jax_ops.cudnn_serves(q, softcap, interpret)):
+            impl = BAND_ONLY[impl]
+        elif impl == "splash":
             return jax_ops.splash(*args, scale=scale, softcap=softcap, window=window, interpret=interpret)
-        if softcap is not None:
-            raise ValueError("impl 'cudnn' has no logit soft-capping")
-        return jax_ops.cudnn(*args, scale=scale, window=window, interpret=interpret)
+        else:
+            return jax_ops.cudnn(*args, scale=scale, window=window, interpret=interpret)
     if impl == "pallas_tpu":
         from kernels import flash_tpu
         return flash_tpu.attention(*args, scale=scale, softcap=softcap, k_pos=k_pos, interpret=interpret)

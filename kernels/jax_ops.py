@@ -3,10 +3,10 @@
 Both take static masks, so they serve only the band case: self-attention
 (S == T, keys at positions 0..T-1) where query t sees the real keys of [t - W + 1, t]
 (causal, optional window W). Rows with an empty interval are padding (splash only;
-cuDNN takes none). The dispatcher refuses what is statically outside that (cache
-positions, lookahead); intervals that are not the band at run time (packed segments,
-a window other than the hint) take our flash kernel instead, under lax.cond: the
-result is always that of the intervals.
+cuDNN takes none). What is statically outside that (cache positions, lookahead, operands
+cuDNN refuses) the dispatcher sends to our flash kernel for the same platform; intervals
+that are not the band at run time (packed segments, a window other than the hint) take
+that kernel too, under lax.cond: the result is always that of the intervals.
 """
 
 from __future__ import annotations
@@ -100,6 +100,21 @@ def _splash(q, k, v, k_start, k_end, *, scale, softcap, window, interpret):
                              jnp.einsum("BTKH->BKTH", vs), segment)  # [B, K, G, T, H]
     out = jnp.einsum("BKGTH->BTKGH", out)[:, :t].reshape(b, t, n, h)
     return jnp.where(valid[..., None, None], out, 0).astype(q.dtype)
+
+
+def cudnn_serves(q: jax.Array, softcap: float | None, interpret: bool) -> bool:
+    """Whether jax's cuDNN attention takes these operands: no soft-cap, and on a GPU bf16/f16 (cuDNN
+    refuses f32) with a head_dim that is a multiple of 8, up to 256 on Hopper or later and 128 before.
+    Its stand-in on CPU (`interpret`: jax's XLA attention) takes any dtype and head_dim."""
+    from kernels import flash_hopper
+
+    if softcap is not None:
+        return False
+    if interpret:
+        return True
+    capability = float(getattr(jax.devices()[0], "compute_capability", None) or 0)
+    h, h_max = q.shape[-1], 256 if flash_hopper.on_hopper() or capability >= 9 else 128
+    return q.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= h_max
 
 
 def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array, k_end: jax.Array, *, scale: float,

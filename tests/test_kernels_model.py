@@ -82,9 +82,10 @@ def test_cudnn_with_padding_takes_the_exact_path(base):
     np.testing.assert_allclose(got[np.asarray(mask)], want[np.asarray(mask)], atol=2e-4, rtol=0)
 
 
-@pytest.mark.parametrize("impl", PALLAS)
+@pytest.mark.parametrize("impl", PALLAS + ["cudnn"])  # splash would repeat pallas_tpu's run (70 s)
 def test_cached_prefill_and_decode_equal_xla(base, impl, tokenizer_270m):
-    """Chunked prefill (k_pos over cache + chunk) and ring decode past wrap-around, through the sampler."""
+    """Chunked prefill (k_pos over cache + chunk) and ring decode past wrap-around, through the sampler
+    (cudnn, like splash, hands every cache call to its platform's flash kernel)."""
     prompts = [list(range(5, 27)), list(range(40, 49))]
     outs = {}
     for name, model in (("xla", base), (impl, _with_impl(base, impl))):
@@ -107,17 +108,73 @@ def test_decode_step_logits_equal_xla(base, impl):
     np.testing.assert_allclose(logits[impl], logits["xla"], atol=2e-4, rtol=0)
 
 
-def test_band_only_impls_refuse_what_they_cannot_express():
-    q = jnp.ones((1, 8, 4, 64))
-    k = jnp.ones((1, 8, 2, 64))
-    pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (1, 8))
-    for impl in BAND_ONLY:
-        with pytest.raises(ValueError, match="causal/window"):
-            kernels.attention(q, k, k, pos * 0, pos, impl=impl, k_pos=pos)
-        with pytest.raises(ValueError, match="causal/window"):
-            kernels.attention(q, k, k, pos * 0, pos, impl=impl, lookahead=3)
+def test_band_only_impls_hand_what_they_cannot_serve_to_the_flash_kernel(monkeypatch):
+    """splash and cudnn serve the causal/window band only. A cache (k_pos, S != T, NaN in its empty
+    slots), a decode step, lookahead (image blocks) and, for cudnn, a soft-cap run on their platform's
+    flash kernel (pallas_tpu / pallas_gpu; pallas_gpu's decode kernel for one query) with the
+    intervals' values, and the fused kernel is never called. A window hint on a cache is an error."""
+    from kernels import decode, flash_gpu, flash_tpu, jax_ops
+
+    calls = []
+    for module, name in ((jax_ops, "splash"), (jax_ops, "cudnn"), (flash_tpu, "attention"),
+                         (flash_gpu, "attention"), (decode, "attention")):
+        _spy(monkeypatch, module, name, calls, lambda kw, m=module.__name__.split(".")[-1], name=name: f"{m}.{name}")
+    rng = np.random.default_rng(11)
+    b, n, kv, h, s = 2, 4, 2, 64, 24
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    k_pos = np.stack([rng.permutation(s) for _ in range(b)]) - 4  # shuffled ring slots; 4 empty ones
+    empty = k_pos < 0
+    k_pos = jnp.asarray(np.where(empty, -(2**30), k_pos), jnp.int32)
+    k, v = normal(b, s, kv, h), normal(b, s, kv, h)
+    poisoned = [jnp.where(empty[..., None, None], jnp.nan, x) for x in (k, v)]  # what the kernels get
+    cases = []
+    for t in (6, 1):  # a chunk, a decode step: queries at the cache's last t positions, window 7
+        pos = jnp.broadcast_to(jnp.arange(s - 4 - t, s - 4, dtype=jnp.int32), (b, t))
+        cases.append((f"cache t={t}", normal(b, t, n, h), k, v, pos - 6, pos, dict(k_pos=k_pos), None))
+    t = 16
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    block_end = jnp.where((pos >= 5) & (pos < 9), 8, pos)  # an image block at 5..8 sees itself whole
+    self_kv = normal(b, t, kv, h), normal(b, t, kv, h)
+    cases.append(("lookahead", normal(b, t, n, h), *self_kv, 0 * pos, block_end, dict(lookahead=3), None))
+    cases.append(("softcap", normal(b, t, n, h), *self_kv, 0 * pos, pos, dict(lookahead=0, softcap=5.0), "cudnn"))
+    for name, q, k_, v_, ks, ke, hints, only in cases:
+        softcap = hints.get("softcap")
+        want = kernels.reference.attention(q, k_, v_, ks, ke, scale=0.125, softcap=softcap, k_pos=hints.get("k_pos"))
+        for impl, kernel in (("splash", "flash_tpu.attention"), ("cudnn", "flash_gpu.attention")):
+            if only not in (None, impl):
+                continue
+            if impl == "cudnn" and q.shape[1] == 1:
+                kernel = "decode.attention"
+            calls.clear()
+            if "k_pos" in hints:
+                k_, v_ = poisoned
+            got = kernels.attention(q, k_, v_, ks, ke, scale=0.125, impl=impl, **hints)
+            assert calls == [kernel], (name, impl, calls)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0, err_msg=f"{name} {impl}")
+    calls.clear()  # splash takes a soft-cap itself
+    kernels.attention(*cases[-1][1:6], scale=0.125, impl="splash", lookahead=0, softcap=5.0)
+    assert calls[:1] == ["jax_ops.splash"], calls
     with pytest.raises(ValueError, match="self-attention"):
-        kernels.attention(q, k, k, pos * 0, pos, k_pos=pos, window=4)
+        kernels.attention(*cases[0][1:6], k_pos=k_pos, window=7)
+
+
+def test_cudnn_serves_what_cudnn_takes(monkeypatch):
+    """On a GPU cuDNN takes bf16/f16 with a head_dim that is a multiple of 8, up to 256 from Hopper on
+    and 128 before, and no soft-cap (jax.nn.dot_product_attention's own checks); its XLA stand-in on
+    CPU takes any dtype and head_dim, but no soft-cap either."""
+    from kernels import flash_hopper, jax_ops
+
+    hopper = [True]
+    monkeypatch.setattr(flash_hopper, "on_hopper", lambda: hopper[0])
+    q = lambda h, dtype=jnp.bfloat16: jnp.zeros((1, 8, 2, h), dtype)  # noqa: E731
+    for later in (True, False):
+        hopper[0] = later
+        for h in (8, 64, 128, 136, 256, 264, 36):
+            want = h % 8 == 0 and h <= (256 if later else 128)
+            assert jax_ops.cudnn_serves(q(h), None, False) == jax_ops.cudnn_serves(q(h, jnp.float16), None, False) == want
+            assert not jax_ops.cudnn_serves(q(h, jnp.float32), None, False)
+            assert jax_ops.cudnn_serves(q(h, jnp.float32), None, True)
+            assert not jax_ops.cudnn_serves(q(h), 50.0, False) and not jax_ops.cudnn_serves(q(h), 50.0, True)
 
 
 def _band_by_definition(k_start, k_end, window, padding):

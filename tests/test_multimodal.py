@@ -33,6 +33,15 @@ def test_logits_with_images_match_hf(mm):
     np.testing.assert_allclose(logits, io["mm_logits"], atol=2e-4, rtol=0)
 
 
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu", "splash", "cudnn"])
+def test_logits_with_images_match_hf_through_every_impl(mm, impl):
+    """Image blocks (lookahead past the row) through each kernel; splash and cudnn cannot express them
+    and hand them to their platform's flash kernel."""
+    model, io = mm
+    logits = model.with_attention_impl(impl)(jnp.asarray(io["mm_input_ids"]), images=nhwc(io["mm_pixel_values"]))
+    np.testing.assert_allclose(logits, io["mm_logits"], atol=2e-4, rtol=0)
+
+
 def test_image_blocks_are_intervals():
     soft = jnp.asarray([[0, 1, 1, 1, 0, 0, 1, 1, 0]], bool)
     assert image_block_end(soft).tolist() == [[-1, 3, 3, 3, -1, -1, 7, 7, -1]]
