@@ -9,7 +9,7 @@ each query may see. Implementations:
   pallas_gpu  flash attention in Pallas/Triton for GPU, forward and backward; on a Hopper GPU
               bf16/f16 self-attention runs in Pallas Mosaic GPU instead (kernels.flash_hopper and
               flash_hopper_bwd: wgmma + TMA); decode steps (T == 1) go to the split-K decode
-              kernel (kernels.decode)
+              kernel (kernels.decode; head_dim a power of two)
   splash      jax's TPU splash attention on band masks; everything else (caches, lookahead,
               intervals found not to be the band at run time) takes pallas_tpu
   cudnn       jax.nn.dot_product_attention through cuDNN on band masks without padding; everything
@@ -125,8 +125,8 @@ def attention(
         from kernels import flash_tpu
         return flash_tpu.attention(*args, scale=scale, softcap=softcap, k_pos=k_pos, interpret=interpret)
     if impl == "pallas_gpu":
-        if q.shape[1] == 1:
-            from kernels import decode
+        from kernels import decode
+        if q.shape[1] == 1 and decode.serves(q.shape[-1]):
             return decode.attention(*args, scale=scale, softcap=softcap, k_pos=k_pos, interpret=interpret)
         from kernels import flash_gpu
         return flash_gpu.attention(*args, scale=scale, softcap=softcap, k_pos=k_pos, interpret=interpret)

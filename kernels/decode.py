@@ -118,6 +118,11 @@ def _merge(o: jax.Array, lse: jax.Array) -> jax.Array:
     return out / jnp.where(denom == 0, 1.0, denom)[..., None]
 
 
+def serves(head_dim: int) -> bool:
+    """Whether the kernel takes this head_dim: a power of two >= 16 (flash_gpu pads the others)."""
+    return head_dim >= 16 and head_dim == next_pow2(head_dim)
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -151,6 +156,9 @@ def attention(
 
     Returns:
       [B, 1, N, H] in q's dtype; zeros for a row with an empty interval.
+
+    Differentiable in q, k, v: a decode step is one query row of the flash kernel, whose backward
+    (kernels.flash_gpu, recomputing its forward) serves it.
     """
     b, t, n, h = q.shape
     _, s, kv_heads, _ = k.shape
@@ -158,18 +166,50 @@ def attention(
         raise ValueError(f"decode attention takes one query per row (q [B, 1, N, H]); got q {q.shape}")
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h or n % kv_heads:
         raise ValueError(f"decode attention shapes disagree: q {q.shape}, k {k.shape}, v {v.shape}")
-    if h < 16 or h != next_pow2(h):
+    if not serves(h):
         raise ValueError(f"decode attention needs a head_dim that is a power of two >= 16; got {h}")
     if block_k < 16 or block_k != next_pow2(block_k):
         raise ValueError(f"block_k must be a power of two >= 16; got {block_k}")
     if k_pos is None:
         k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    opts = (float(scale), None if softcap is None else float(softcap), block_k, num_splits, num_warps, num_stages,
+            interpret)
+    return _decode(opts, q, k, v, k_start.astype(jnp.int32), k_end.astype(jnp.int32), k_pos.astype(jnp.int32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _decode(opts, q, k, v, k_start, k_end, k_pos):
+    return _forward(opts, q, k, v, k_start, k_end, k_pos)
+
+
+def _decode_fwd(opts, q, k, v, k_start, k_end, k_pos):
+    return _forward(opts, q, k, v, k_start, k_end, k_pos), (q, k, v, k_start, k_end, k_pos)
+
+
+def _decode_bwd(opts, res, do):
+    from kernels import flash_gpu
+
+    q, k, v, k_start, k_end, k_pos = res
+    scale, softcap, *_, interpret = opts
+    _, pullback = jax.vjp(lambda q, k, v: flash_gpu.attention(q, k, v, k_start, k_end, scale=scale, softcap=softcap,
+                                                              k_pos=k_pos, interpret=interpret), q, k, v)
+    return (*pullback(do), None, None, None)
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)
+
+
+def _forward(opts, q, k, v, k_start, k_end, k_pos):
+    """The split-K kernel and its merge: q [B, 1, N, H] -> [B, 1, N, H]."""
+    scale, softcap, block_k, num_splits, num_warps, num_stages, interpret = opts
+    b, _, n, h = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
     groups = n // kv_heads
     rows = max(_MIN_ROWS, next_pow2(groups))
     block_k = min(block_k, max(16, next_pow2(s)))
     num_splits = max(1, min(num_splits, pl.cdiv(s, block_k)))
 
-    k_start, k_end, k_pos = k_start[:, 0].astype(jnp.int32), k_end[:, 0].astype(jnp.int32), k_pos.astype(jnp.int32)
+    k_start, k_end = k_start[:, 0], k_end[:, 0]
     visible = (k_pos >= k_start[:, None]) & (k_pos <= k_end[:, None])
     first, end = _split_ranges(visible, block_k, num_splits)
     bounds = jnp.broadcast_to(jnp.stack([k_start, k_end], axis=1)[:, None, :], (b, num_splits, 2))

@@ -58,7 +58,7 @@ def case(rng, hopper: bool):
     else:
         t = int(rng.integers(1, 160))
         s = t if rng.random() < 0.4 else int(rng.integers(t, 320))
-        h = int(rng.choice([16, 64, 128]))
+        h = int(rng.choice([16, 48, 64, 80, 128]))
     ks, ke = intervals(rng, b, t, s)
     k_pos = None
     if s != t and rng.random() < 0.6:  # a cache: shuffled slots, some never written

@@ -158,6 +158,33 @@ def test_band_only_impls_hand_what_they_cannot_serve_to_the_flash_kernel(monkeyp
         kernels.attention(*cases[0][1:6], k_pos=k_pos, window=7)
 
 
+def test_xla_ignores_what_no_query_sees():
+    """NaN in cache slots no query sees (a cache's unused slots) changes neither the XLA attention's
+    values (a chunk, a decode step) nor its gradients, which are exactly zero at those slots: the same
+    results, bit for bit, as with zeros there."""
+    rng = np.random.default_rng(12)
+    b, n, kv, h, s = 2, 4, 2, 32, 20
+    k_pos = np.stack([rng.permutation(s) for _ in range(b)]) - 5  # 5 empty slots per row, shuffled
+    empty = jnp.asarray(k_pos < 0)[..., None, None]
+    k_pos = jnp.asarray(np.where(k_pos < 0, -(2**30), k_pos), jnp.int32)
+    k, v = (jnp.where(empty, 0, jnp.asarray(rng.standard_normal((b, s, kv, h)), jnp.float32)) for _ in range(2))
+    poison = lambda x: jnp.where(empty, jnp.nan, x)  # noqa: E731
+    for t in (7, 1):
+        q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+        pos = jnp.broadcast_to(jnp.arange(s - 5 - t, s - 5, dtype=jnp.int32), (b, t))
+
+        def loss(q, k, v):
+            out = kernels.attention(q, k, v, pos - 4, pos, scale=0.2, k_pos=k_pos, impl="xla")
+            return jnp.sum(out * jnp.cos(jnp.arange(h, dtype=jnp.float32))), out
+
+        (_, want), want_grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+        (_, got), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, poison(k), poison(v))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        for name, g, wg in zip("qkv", grads, want_grads):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(wg), err_msg=f"d{name}, t={t}")
+        assert not np.asarray(grads[2][jnp.broadcast_to(empty, v.shape)]).any()
+
+
 def test_cudnn_serves_what_cudnn_takes(monkeypatch):
     """On a GPU cuDNN takes bf16/f16 with a head_dim that is a multiple of 8, up to 256 from Hopper on
     and 128 before, and no soft-cap (jax.nn.dot_product_attention's own checks); its XLA stand-in on
