@@ -9,12 +9,12 @@ each query may see. Implementations:
   pallas_gpu  flash attention in Pallas/Triton for GPU, forward and backward; on a Hopper GPU
               bf16/f16 self-attention runs in Pallas Mosaic GPU instead (kernels.flash_hopper and
               flash_hopper_bwd: wgmma + TMA); decode steps (T == 1) go to the split-K decode
-              kernel (kernels.decode; head_dim a power of two)
+              kernel (kernels.decode; head_dim a power of two >= 16)
   splash      jax's TPU splash attention on band masks; everything else (caches, lookahead,
               intervals found not to be the band at run time) takes pallas_tpu
   cudnn       jax.nn.dot_product_attention through cuDNN on band masks without padding; everything
-              else (caches, lookahead, soft-cap, f32 on a GPU, other intervals at run time) takes
-              pallas_gpu
+              else (caches, lookahead, decode steps, soft-cap, operands cuDNN refuses: f32, mixed
+              dtypes, head_dims it lacks; other intervals at run time) takes pallas_gpu
   auto        pallas_tpu on TPU, pallas_gpu on GPU, xla on CPU; on a Hopper GPU causal layers go
               to cudnn, where it was timed faster (`hopper_route`)
 
@@ -56,13 +56,14 @@ def hopper_route(q: jax.Array, band: bool, softcap: float | None, window: int | 
                     W = 1024) and forward + backward beats it at head_dim 256, 3.0 ms to 3.5 (0.64 to
                     0.96 at T = 2K, W = 512), and is within timing noise of it at 128 (1.06 to 1.02).
 
-    The cuDNN route also needs T > 1 and operands cuDNN takes (`jax_ops.cudnn_serves`); intervals
+    The cuDNN route also needs operands cuDNN takes (`jax_ops.cudnn_serves`; T > 1); intervals
     that are not the causal band at run time (padding, packed segments) still take our kernel
     (`jax_ops.cudnn`'s run-time check)."""
     from kernels import flash_hopper, jax_ops
 
     causal = band and window is None and lookahead == 0
-    if causal and q.shape[1] > 1 and jax_ops.cudnn_serves(q, softcap, interpret=False) and flash_hopper.on_hopper():
+    # q stands for k and v here: `attention` checks their dtypes against cudnn_serves again
+    if causal and jax_ops.cudnn_serves(q, q, q, softcap, interpret=False) and flash_hopper.on_hopper():
         return "cudnn"
     return "pallas_gpu"
 
@@ -115,7 +116,7 @@ def attention(
         impl = hopper_route(q, band, softcap, window, lookahead)
     if impl in BAND_ONLY:
         from kernels import jax_ops
-        if not band or lookahead or (impl == "cudnn" and not jax_ops.cudnn_serves(q, softcap, interpret)):
+        if not band or lookahead or (impl == "cudnn" and not jax_ops.cudnn_serves(q, k, v, softcap, interpret)):
             impl = BAND_ONLY[impl]
         elif impl == "splash":
             return jax_ops.splash(*args, scale=scale, softcap=softcap, window=window, interpret=interpret)

@@ -157,8 +157,8 @@ def attention(
     Returns:
       [B, 1, N, H] in q's dtype; zeros for a row with an empty interval.
 
-    Differentiable in q, k, v: a decode step is one query row of the flash kernel, whose backward
-    (kernels.flash_gpu, recomputing its forward) serves it.
+    Differentiable in q, k, v (reverse mode): a decode step is one query row of the flash kernel, whose
+    backward (kernels.flash_gpu, recomputing its forward) serves it.
     """
     b, t, n, h = q.shape
     _, s, kv_heads, _ = k.shape

@@ -74,10 +74,15 @@ def serves(q: jax.Array, k: jax.Array, softcap, k_pos) -> bool:
     )
 
 
+def compute_capability() -> float:
+    """The default device's CUDA compute capability (9.0 on Hopper); 0 off a GPU."""
+    device = jax.devices()[0]
+    return float(getattr(device, "compute_capability", None) or 0) if device.platform == "gpu" else 0.0
+
+
 def on_hopper() -> bool:
     """Whether the default device is a Hopper GPU (compute capability 9.x)."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+    return 9 <= compute_capability() < 10
 
 
 def tile_meta(k_start, k_end, block_q: int, block_k: int, *, paired: bool = False) -> jax.Array:

@@ -102,18 +102,18 @@ def _splash(q, k, v, k_start, k_end, *, scale, softcap, window, interpret):
     return jnp.where(valid[..., None, None], out, 0).astype(q.dtype)
 
 
-def cudnn_serves(q: jax.Array, softcap: float | None, interpret: bool) -> bool:
-    """Whether jax's cuDNN attention takes these operands: no soft-cap, and on a GPU bf16/f16 (cuDNN
-    refuses f32) with a head_dim that is a multiple of 8, up to 256 on Hopper or later and 128 before.
-    Its stand-in on CPU (`interpret`: jax's XLA attention) takes any dtype and head_dim."""
+def cudnn_serves(q: jax.Array, k: jax.Array, v: jax.Array, softcap: float | None, interpret: bool) -> bool:
+    """Whether jax's cuDNN attention takes these operands: more than one query, no soft-cap, q, k and v
+    of one dtype, and on a GPU bf16/f16 (cuDNN refuses f32) with a head_dim that is a multiple of 8, up
+    to 256 on Hopper or later and 128 before. Its stand-in on CPU (`interpret`: jax's XLA attention)
+    takes any such dtype and head_dim."""
     from kernels import flash_hopper
 
-    if softcap is not None:
-        return False
+    if q.shape[1] == 1 or softcap is not None or not q.dtype == k.dtype == v.dtype:
+        return False  # a decode step: the decode kernel's
     if interpret:
         return True
-    capability = float(getattr(jax.devices()[0], "compute_capability", None) or 0)
-    h, h_max = q.shape[-1], 256 if flash_hopper.on_hopper() or capability >= 9 else 128
+    h, h_max = q.shape[-1], 256 if flash_hopper.compute_capability() >= 9 else 128
     return q.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= h_max
 
 

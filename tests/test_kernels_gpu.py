@@ -314,9 +314,9 @@ def test_hopper_backward_lowers_for_cuda_at_production_shapes(t, h, dtype, lower
 ])
 def test_hopper_gpu_defaults_to_the_hopper_backward(monkeypatch, lower_for_h200, dtype, mosaic_backward, want_mosaic,
                                                    want_triton):
-    """On a Hopper GPU (faked: flash_hopper.on_hopper() is True while lowering for an abstract H200)
+    """On a Hopper GPU (faked: flash_hopper.compute_capability() is 9.0 while lowering for an abstract H200)
     flash_gpu.attention's gradient runs the Hopper backward by default where the Hopper forward serves."""
-    monkeypatch.setattr(flash_hopper, "on_hopper", lambda: True)
+    monkeypatch.setattr(flash_hopper, "compute_capability", lambda: 9.0)
     b, t, n, kv_heads, h = 1, 1024, 8, 4, 256
     sds = jax.ShapeDtypeStruct
     q, kv, rows = sds((b, t, n, h), dtype), sds((b, t, kv_heads, h), dtype), sds((b, t), jnp.int32)

@@ -110,9 +110,10 @@ def test_decode_step_logits_equal_xla(base, impl):
 
 def test_band_only_impls_hand_what_they_cannot_serve_to_the_flash_kernel(monkeypatch):
     """splash and cudnn serve the causal/window band only. A cache (k_pos, S != T, NaN in its empty
-    slots), a decode step, lookahead (image blocks) and, for cudnn, a soft-cap run on their platform's
-    flash kernel (pallas_tpu / pallas_gpu; pallas_gpu's decode kernel for one query) with the
-    intervals' values, and the fused kernel is never called. A window hint on a cache is an error."""
+    slots), a decode step, lookahead (image blocks) and, for cudnn, a soft-cap or operands cuDNN refuses
+    run on their platform's flash kernel (pallas_tpu / pallas_gpu; pallas_gpu's decode kernel for one
+    query) with the intervals' values, and the fused kernel is never called. A window hint on a cache
+    is an error."""
     from kernels import decode, flash_gpu, flash_tpu, jax_ops
 
     calls = []
@@ -154,54 +155,41 @@ def test_band_only_impls_hand_what_they_cannot_serve_to_the_flash_kernel(monkeyp
     calls.clear()  # splash takes a soft-cap itself
     kernels.attention(*cases[-1][1:6], scale=0.125, impl="splash", lookahead=0, softcap=5.0)
     assert calls[:1] == ["jax_ops.splash"], calls
+    q, k_, v_, ks, ke = cases[-1][1:6]  # operands cuDNN refuses: here q's dtype not k's and v's
+    calls.clear()
+    got = kernels.attention(q.astype(jnp.bfloat16), k_, v_, ks, ke, scale=0.125, impl="cudnn", lookahead=0)
+    assert calls == ["flash_gpu.attention"], calls
+    want = kernels.reference.attention(q.astype(jnp.bfloat16).astype(jnp.float32), k_, v_, ks, ke, scale=0.125)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=2e-2, rtol=0)
+    monkeypatch.setattr(jax_ops, "cudnn_serves", lambda *a: False)  # what cuDNN refuses on a GPU only (f32)
+    calls.clear()
+    got = kernels.attention(q, k_, v_, ks, ke, scale=0.125, impl="cudnn", lookahead=0)
+    assert calls == ["flash_gpu.attention"], calls
+    want = kernels.reference.attention(q, k_, v_, ks, ke, scale=0.125)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0)
     with pytest.raises(ValueError, match="self-attention"):
         kernels.attention(*cases[0][1:6], k_pos=k_pos, window=7)
 
 
-def test_xla_ignores_what_no_query_sees():
-    """NaN in cache slots no query sees (a cache's unused slots) changes neither the XLA attention's
-    values (a chunk, a decode step) nor its gradients, which are exactly zero at those slots: the same
-    results, bit for bit, as with zeros there."""
-    rng = np.random.default_rng(12)
-    b, n, kv, h, s = 2, 4, 2, 32, 20
-    k_pos = np.stack([rng.permutation(s) for _ in range(b)]) - 5  # 5 empty slots per row, shuffled
-    empty = jnp.asarray(k_pos < 0)[..., None, None]
-    k_pos = jnp.asarray(np.where(k_pos < 0, -(2**30), k_pos), jnp.int32)
-    k, v = (jnp.where(empty, 0, jnp.asarray(rng.standard_normal((b, s, kv, h)), jnp.float32)) for _ in range(2))
-    poison = lambda x: jnp.where(empty, jnp.nan, x)  # noqa: E731
-    for t in (7, 1):
-        q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
-        pos = jnp.broadcast_to(jnp.arange(s - 5 - t, s - 5, dtype=jnp.int32), (b, t))
-
-        def loss(q, k, v):
-            out = kernels.attention(q, k, v, pos - 4, pos, scale=0.2, k_pos=k_pos, impl="xla")
-            return jnp.sum(out * jnp.cos(jnp.arange(h, dtype=jnp.float32))), out
-
-        (_, want), want_grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
-        (_, got), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, poison(k), poison(v))
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-        for name, g, wg in zip("qkv", grads, want_grads):
-            np.testing.assert_array_equal(np.asarray(g), np.asarray(wg), err_msg=f"d{name}, t={t}")
-        assert not np.asarray(grads[2][jnp.broadcast_to(empty, v.shape)]).any()
-
-
 def test_cudnn_serves_what_cudnn_takes(monkeypatch):
     """On a GPU cuDNN takes bf16/f16 with a head_dim that is a multiple of 8, up to 256 from Hopper on
-    and 128 before, and no soft-cap (jax.nn.dot_product_attention's own checks); its XLA stand-in on
-    CPU takes any dtype and head_dim, but no soft-cap either."""
+    and 128 before, q, k and v of one dtype and no soft-cap (jax.nn.dot_product_attention's own checks);
+    decode steps are left to the decode kernel. Its XLA stand-in on CPU takes any dtype and head_dim."""
     from kernels import flash_hopper, jax_ops
 
-    hopper = [True]
-    monkeypatch.setattr(flash_hopper, "on_hopper", lambda: hopper[0])
-    q = lambda h, dtype=jnp.bfloat16: jnp.zeros((1, 8, 2, h), dtype)  # noqa: E731
-    for later in (True, False):
-        hopper[0] = later
+    capability = [9.0]
+    monkeypatch.setattr(flash_hopper, "compute_capability", lambda: capability[0])
+    serves = lambda q, softcap=None, interpret=False, kv=None: jax_ops.cudnn_serves(  # noqa: E731
+        q, q if kv is None else kv, q if kv is None else kv, softcap, interpret)
+    q = lambda h, dtype=jnp.bfloat16, t=8: jnp.zeros((1, t, 2, h), dtype)  # noqa: E731
+    for capability[0] in (8.0, 8.9, 9.0, 10.0):
         for h in (8, 64, 128, 136, 256, 264, 36):
-            want = h % 8 == 0 and h <= (256 if later else 128)
-            assert jax_ops.cudnn_serves(q(h), None, False) == jax_ops.cudnn_serves(q(h, jnp.float16), None, False) == want
-            assert not jax_ops.cudnn_serves(q(h, jnp.float32), None, False)
-            assert jax_ops.cudnn_serves(q(h, jnp.float32), None, True)
-            assert not jax_ops.cudnn_serves(q(h), 50.0, False) and not jax_ops.cudnn_serves(q(h), 50.0, True)
+            want = h % 8 == 0 and h <= (256 if capability[0] >= 9 else 128)
+            assert serves(q(h)) == serves(q(h, jnp.float16)) == want, (capability, h)
+            assert not serves(q(h, jnp.float32)) and serves(q(h, jnp.float32), interpret=True)
+            assert not serves(q(h), 50.0) and not serves(q(h), 50.0, interpret=True)
+            assert not serves(q(h), kv=q(h, jnp.float16)) and not serves(q(h), kv=q(h, jnp.float32), interpret=True)
+            assert not serves(q(h, t=1)) and not serves(q(h, t=1), interpret=True)
 
 
 def _band_by_definition(k_start, k_end, window, padding):
@@ -283,11 +271,11 @@ def test_banded_xla_path_equals_reference():
 
 @pytest.fixture
 def faked_hopper(monkeypatch):
-    """A Hopper GPU as "auto" sees it, on CPU: flash_hopper.on_hopper() is True and "auto" resolves to
+    """A Hopper GPU as "auto" sees it, on CPU: compute capability 9.0 and "auto" resolves to
     pallas_gpu (cuDNN is then jax.nn.dot_product_attention's XLA path, our kernels run interpreted)."""
     from kernels import flash_hopper
 
-    monkeypatch.setattr(flash_hopper, "on_hopper", lambda: True)
+    monkeypatch.setattr(flash_hopper, "compute_capability", lambda: 9.0)
     resolve = kernels.resolve
     monkeypatch.setattr(kernels, "resolve", lambda impl: "pallas_gpu" if impl == "auto" else resolve(impl))
 
@@ -351,8 +339,8 @@ def test_hopper_route_takes_cudnn_only_where_it_was_timed_faster(monkeypatch):
     blocks), no causal hint, a head_dim cuDNN does not take, a decode step, a cache."""
     from kernels import flash_hopper
 
-    hopper = [True]
-    monkeypatch.setattr(flash_hopper, "on_hopper", lambda: hopper[0])
+    capability = [9.0]
+    monkeypatch.setattr(flash_hopper, "compute_capability", lambda: capability[0])
     route = kernels.hopper_route
     q = {h: jnp.zeros((1, 64, 4, h), jnp.bfloat16) for h in (64, 128, 256)}
     for h in (64, 128, 256):
@@ -367,8 +355,8 @@ def test_hopper_route_takes_cudnn_only_where_it_was_timed_faster(monkeypatch):
                  (jnp.zeros((1, 64, 4, 512), jnp.bfloat16), True, None, None, 0),
                  (q[64][:, :1], True, None, None, 0)):
         assert route(*args) == "pallas_gpu", args
-    hopper[0] = False
-    assert route(q[64], True, None, None, 0) == "pallas_gpu"
+    for capability[0] in (8.0, 10.0):  # not a Hopper GPU: not timed
+        assert route(q[64], True, None, None, 0) == "pallas_gpu"
 
 
 def test_auto_on_hopper_routes_each_call_to_its_kernel(monkeypatch, faked_hopper):
