@@ -22,6 +22,7 @@ store, CompilerParams}.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -172,42 +173,53 @@ def attention(
         raise ValueError(f"block_k must be a power of two >= 16; got {block_k}")
     if k_pos is None:
         k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    opts = (float(scale), None if softcap is None else float(softcap), block_k, num_splits, num_warps, num_stages,
-            interpret)
+    opts = _Options(float(scale), None if softcap is None else float(softcap), block_k, num_splits, num_warps,
+                    num_stages, interpret)
     return _decode(opts, q, k, v, k_start.astype(jnp.int32), k_end.astype(jnp.int32), k_pos.astype(jnp.int32))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """`attention`'s static arguments (hashable: custom_vjp's nondiff argument)."""
+    scale: float
+    softcap: float | None
+    block_k: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+    interpret: bool
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _decode(opts, q, k, v, k_start, k_end, k_pos):
+def _decode(opts: _Options, q, k, v, k_start, k_end, k_pos):
     return _forward(opts, q, k, v, k_start, k_end, k_pos)
 
 
-def _decode_fwd(opts, q, k, v, k_start, k_end, k_pos):
+def _decode_fwd(opts: _Options, q, k, v, k_start, k_end, k_pos):
     return _forward(opts, q, k, v, k_start, k_end, k_pos), (q, k, v, k_start, k_end, k_pos)
 
 
-def _decode_bwd(opts, res, do):
+def _decode_bwd(opts: _Options, res, do):
     from kernels import flash_gpu
 
     q, k, v, k_start, k_end, k_pos = res
-    scale, softcap, *_, interpret = opts
-    _, pullback = jax.vjp(lambda q, k, v: flash_gpu.attention(q, k, v, k_start, k_end, scale=scale, softcap=softcap,
-                                                              k_pos=k_pos, interpret=interpret), q, k, v)
+    _, pullback = jax.vjp(lambda q, k, v: flash_gpu.attention(q, k, v, k_start, k_end, scale=opts.scale,
+                                                              softcap=opts.softcap, k_pos=k_pos,
+                                                              interpret=opts.interpret), q, k, v)
     return (*pullback(do), None, None, None)
 
 
 _decode.defvjp(_decode_fwd, _decode_bwd)
 
 
-def _forward(opts, q, k, v, k_start, k_end, k_pos):
+def _forward(opts: _Options, q, k, v, k_start, k_end, k_pos):
     """The split-K kernel and its merge: q [B, 1, N, H] -> [B, 1, N, H]."""
-    scale, softcap, block_k, num_splits, num_warps, num_stages, interpret = opts
     b, _, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     groups = n // kv_heads
     rows = max(_MIN_ROWS, next_pow2(groups))
-    block_k = min(block_k, max(16, next_pow2(s)))
-    num_splits = max(1, min(num_splits, pl.cdiv(s, block_k)))
+    block_k = min(opts.block_k, max(16, next_pow2(s)))
+    num_splits = max(1, min(opts.num_splits, pl.cdiv(s, block_k)))
 
     k_start, k_end = k_start[:, 0], k_end[:, 0]
     visible = (k_pos >= k_start[:, None]) & (k_pos <= k_end[:, None])
@@ -218,7 +230,7 @@ def _forward(opts, q, k, v, k_start, k_end, k_pos):
     qg = q.reshape(b, kv_heads, groups, h)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - groups), (0, 0)))  # [B, K, Gp, H]
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    kernel = functools.partial(_kernel, scale=scale, softcap=softcap, block_k=block_k, num_slots=s,
+    kernel = functools.partial(_kernel, scale=opts.scale, softcap=opts.softcap, block_k=block_k, num_slots=s,
                                groups=groups, precision=precision)
     o, lse = pl.pallas_call(
         kernel,
@@ -238,8 +250,8 @@ def _forward(opts, q, k, v, k_start, k_end, k_pos):
             jax.ShapeDtypeStruct((b, kv_heads, num_splits, rows, h), jnp.float32),
             jax.ShapeDtypeStruct((b, kv_heads, num_splits, rows), jnp.float32),
         ],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=opts.num_warps, num_stages=opts.num_stages),
+        interpret=opts.interpret,
         name="decode_attention",
     )(meta, qg, k, v, k_pos)
     out = _merge(o[..., :groups, :], lse[..., :groups])

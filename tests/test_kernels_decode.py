@@ -9,6 +9,8 @@ import pytest
 from kernels import banded, decode, reference
 from kernels.blocks import EMPTY
 
+from conftest import spy
+
 ATOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 # jit: one compilation per configuration instead of one per eager op.
 decode_attention = jax.jit(decode.attention, static_argnames=(
@@ -78,9 +80,7 @@ def test_decode_step_is_differentiable_and_any_head_dim_is_served(monkeypatch):
 
     calls = []
     for module in (decode, flash_gpu):
-        real = module.attention
-        monkeypatch.setattr(module, "attention", lambda *a, real=real, name=module.__name__, **kw:
-                            calls.append(name.split(".")[-1]) or real(*a, **kw))
+        spy(monkeypatch, module, "attention", calls, lambda kw, name=module.__name__.split(".")[-1]: name)
     rng = np.random.default_rng(3)
     b, s, n, kv = 2, 40, 4, 2
     for h, route in ((64, ["decode", "flash_gpu"]), (48, ["flash_gpu"])):

@@ -17,6 +17,8 @@ from gemma import config as C
 from gemma.cache import init_cache
 from gemma.transformer import Transformer
 
+from conftest import spy
+
 PALLAS = ["pallas_tpu", "pallas_gpu"]
 BAND_ONLY = ["splash", "cudnn"]
 
@@ -114,18 +116,18 @@ def test_band_only_impls_hand_what_they_cannot_serve_to_the_flash_kernel(monkeyp
     run on their platform's flash kernel (pallas_tpu / pallas_gpu; pallas_gpu's decode kernel for one
     query) with the intervals' values, and the fused kernel is never called. A window hint on a cache
     is an error."""
-    from kernels import decode, flash_gpu, flash_tpu, jax_ops
+    from kernels import blocks, decode, flash_gpu, flash_tpu, jax_ops
 
     calls = []
     for module, name in ((jax_ops, "splash"), (jax_ops, "cudnn"), (flash_tpu, "attention"),
                          (flash_gpu, "attention"), (decode, "attention")):
-        _spy(monkeypatch, module, name, calls, lambda kw, m=module.__name__.split(".")[-1], name=name: f"{m}.{name}")
+        spy(monkeypatch, module, name, calls, lambda kw, m=module.__name__.split(".")[-1], name=name: f"{m}.{name}")
     rng = np.random.default_rng(11)
     b, n, kv, h, s = 2, 4, 2, 64, 24
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
     k_pos = np.stack([rng.permutation(s) for _ in range(b)]) - 4  # shuffled ring slots; 4 empty ones
     empty = k_pos < 0
-    k_pos = jnp.asarray(np.where(empty, -(2**30), k_pos), jnp.int32)
+    k_pos = jnp.asarray(np.where(empty, blocks.EMPTY, k_pos), jnp.int32)
     k, v = normal(b, s, kv, h), normal(b, s, kv, h)
     poisoned = [jnp.where(empty[..., None, None], jnp.nan, x) for x in (k, v)]  # what the kernels get
     cases = []
@@ -280,12 +282,6 @@ def faked_hopper(monkeypatch):
     monkeypatch.setattr(kernels, "resolve", lambda impl: "pallas_gpu" if impl == "auto" else resolve(impl))
 
 
-def _spy(monkeypatch, module, name: str, calls: list, record):
-    """module.name, wrapped: each call appends record(kwargs) to calls first."""
-    real = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(record(kw)) or real(*a, **kw))
-
-
 def test_auto_on_hopper_runs_causal_layers_through_cudnn(monkeypatch, faked_hopper):
     """On a Hopper GPU (faked: on CPU cuDNN is jax.nn.dot_product_attention's XLA path and our kernels run
     interpreted) "auto" sends a causal layer through `jax_ops.cudnn`, for inference and under
@@ -295,7 +291,7 @@ def test_auto_on_hopper_runs_causal_layers_through_cudnn(monkeypatch, faked_hopp
 
     calls = []
     for module, name in ((jax_ops, "cudnn"), (flash_gpu, "attention")):
-        _spy(monkeypatch, module, name, calls, lambda kw, name=name: name)
+        spy(monkeypatch, module, name, calls, lambda kw, name=name: name)
     b, t, n, kv, h = 2, 64, 4, 2, 64
     scale = h**-0.5
     rng = np.random.default_rng(5)
@@ -366,7 +362,7 @@ def test_auto_on_hopper_routes_each_call_to_its_kernel(monkeypatch, faked_hopper
 
     calls = []
     for module, name in ((jax_ops, "cudnn"), (flash_gpu, "attention")):
-        _spy(monkeypatch, module, name, calls, lambda kw, name=name: name)
+        spy(monkeypatch, module, name, calls, lambda kw, name=name: name)
     rng = np.random.default_rng(6)
     b, t, n, kv = 1, 64, 2, 1
     for h, window, lookahead, want in ((64, None, 0, ["cudnn"]), (256, 16, None, ["attention"]),
@@ -395,8 +391,8 @@ def test_model_trained_with_auto_on_hopper_routes_its_layers(monkeypatch, faked_
     from kernels import flash_gpu, jax_ops
 
     calls = []
-    _spy(monkeypatch, jax_ops, "cudnn", calls, lambda kw: ("cudnn", kw["window"]))
-    _spy(monkeypatch, flash_gpu, "attention", calls, lambda kw: "ours")
+    spy(monkeypatch, jax_ops, "cudnn", calls, lambda kw: ("cudnn", kw["window"]))
+    spy(monkeypatch, flash_gpu, "attention", calls, lambda kw: "ours")
     tokens = _tokens(2, 21, seed=4)
 
     def grads(dtype, impl):
