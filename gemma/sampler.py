@@ -116,6 +116,19 @@ def first_stop(text: str, stop: Sequence[str]) -> int:
     return min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
 
 
+def check_max_len(max_len: int | None, context: int) -> int:
+    """`max_len`, or the model's `context` when None; a ValueError unless 1 <= max_len <= context
+    (positions past the trained context are not meaningful, and a 50k prompt would run for minutes)."""
+    if max_len is None:
+        return int(context)
+    if not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool) or max_len < 1:
+        raise ValueError(f"max_len must be an int >= 1 (or None for the model's context), got {max_len!r}")
+    if max_len > context:
+        raise ValueError(f"max_len {max_len} exceeds the model's context of {context} tokens "
+                         f"(config.max_context); pass at most {context}")
+    return int(max_len)
+
+
 def _bucket(n: int, chunk: int) -> int:
     if n <= chunk:
         return max(_MIN_BUCKET, 1 << (n - 1).bit_length())
@@ -129,7 +142,8 @@ class Sampler:
       model: a `gemma.Transformer` (e.g. from `checkpoints.load`).
       tokenizer: its `gemma.Tokenizer`.
       max_len: the longest prompt + generation, in tokens, per sequence
-        (default: the model's context, at most 8192).
+        (default: the model's context, `config.max_context`; at most that). Caches
+        are sized to each call's need, not to max_len.
       prefill_chunk: prompts longer than this are prefilled in chunks.
       cache_dtype: dtype of the KV cache (default: the model's dtype).
     """
@@ -139,7 +153,9 @@ class Sampler:
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
-        self.max_len = int(max_len or min(self.config.max_context, 8192))
+        self.max_len = check_max_len(max_len, self.config.max_context)
+        if not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
         self.prefill_chunk = int(prefill_chunk)
         self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
         self.stop_ids = (tokenizer.eos_id, tokenizer.end_of_turn_id)
@@ -372,29 +388,43 @@ class Sampler:
                     seed: int, stop: Sequence[str] | None, on_done=None) -> Iterator[str]:
         """Decodes one row token by token from prefilled `logits` / `cache`.
 
-        Every generated id except a stop id is fed to the cache; at the end
-        `on_done(fed_ids, cache)` receives them (a stop string may cut the text
-        earlier than the ids that were fed).
+        Each token's piece is yielded before the decode step that feeds it to the
+        cache, so the first piece needs only the prefill (in a fresh process the
+        decode program takes ~1 s to trace and load). Every generated id except a
+        stop id is fed, also the one whose piece was last yielded when the caller
+        closes the stream there; `on_done(fed_ids, cache)` receives them at the
+        end, however the stream ends (exhausted, closed, or an exception such as
+        KeyboardInterrupt: after one inside a decode step `cache` may be the
+        donated, deleted one). A stop string may cut the text before the last fed id.
         """
         key = jax.random.key(seed)
         text = IncrementalText(self.tokenizer, stop)
-        for _ in range(max_new_tokens):
-            key, sub = jax.random.split(key)
-            token = int(_sample(logits, sub, params)[0])
-            if token in self.stop_ids:
-                break
-            logits, cache = _extend(self._graphdef, self._state, jnp.asarray([[token]], jnp.int32),
-                                    cache.length[:, None], cache)
-            piece = text.push(token)
+        fed: list[int] = []
+        try:
+            for _ in range(max_new_tokens):
+                key, sub = jax.random.split(key)
+                token = int(_sample(logits, sub, params)[0])
+                if token in self.stop_ids:
+                    break
+                piece, closed = text.push(token), False
+                if piece:
+                    try:
+                        yield piece
+                    except GeneratorExit:  # the caller stopped: feed this token, then end without yielding
+                        closed = True
+                logits, cache = _extend(self._graphdef, self._state, jnp.asarray([[token]], jnp.int32),
+                                        cache.length[:, None], cache)
+                fed.append(token)
+                if closed:
+                    return
+                if text.stopped:
+                    break
+            piece = text.flush()
             if piece:
                 yield piece
-            if text.stopped:
-                break
-        piece = text.flush()
-        if piece:
-            yield piece
-        if on_done is not None:
-            on_done(text.ids, cache)
+        finally:
+            if on_done is not None:
+                on_done(fed, cache)
 
 
 class IncrementalText:

@@ -217,6 +217,98 @@ def test_chat_full_cache_is_a_clear_error(tiny, tokenizer_270m):
         chat.send("Tell me more please " * 3, max_new_tokens=8)
 
 
+def kept_equals_fresh(chat):
+    """The chat's cache holds exactly its tokens: the next-token logits equal a fresh prefill's."""
+    s = chat.sampler
+    assert int(chat.cache.length[0]) == len(chat.tokens)
+    kept, _ = s.prefill([[9]], jax.tree.map(jnp.copy, chat.cache))  # a copy: prefill donates its cache
+    fresh, _ = s.prefill([chat.tokens + [9]], s.new_cache(1, chat.cache.max_len))
+    np.testing.assert_allclose(kept, fresh, atol=2e-4, rtol=0)
+
+
+def test_chat_reply_stopped_early_keeps_the_dialog(tiny, tokenizer_270m):
+    chat = ChatSampler(tiny, tokenizer_270m, max_len=128)
+    replies = chat.stream("Hello", max_new_tokens=8)
+    shown = next(replies)
+    replies.close()  # as the CLI does on Ctrl-C: the token shown is fed, nothing more
+    assert chat.history[-1] == {"role": "model", "text": shown}
+    assert chat.tokenizer.decode(chat.tokens[-len(chat._turns[0].reply):]) == shown
+    kept_equals_fresh(chat)
+    first = list(chat.tokens)
+    chat.send("And now?", max_new_tokens=4)  # the next turn sees the earlier one
+    assert chat.tokens[:len(first)] == first
+    kept_equals_fresh(chat)
+
+
+def test_chat_recovers_a_cache_lost_mid_reply(tiny, tokenizer_270m, monkeypatch):
+    """An interrupt inside a decode step (the input cache donated, the output never assigned) loses the
+    cache; the dialog keeps the ids fed so far and the next turn prefills all of it again."""
+    import gemma.sampler as sampler_module
+
+    chat = ChatSampler(tiny, tokenizer_270m, max_len=128)
+    real, calls = sampler_module._extend, []
+
+    def interrupted(*args):
+        out = real(*args)
+        calls.append(1)
+        if len(calls) == 3:  # prefill, one decode step, then the interrupt during the second
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(sampler_module, "_extend", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        chat.send("Hello", max_new_tokens=8)
+    monkeypatch.setattr(sampler_module, "_extend", real)
+    assert chat.cache is None and len(chat._turns[0].reply) == 1
+    assert chat.tokens == chat._turns[0].ids + chat._turns[0].reply
+    chat.send("Again", max_new_tokens=3)
+    kept_equals_fresh(chat)
+
+
+def test_chat_when_full_drops_the_oldest_exchanges(tiny, tokenizer_270m):
+    chat = ChatSampler(tiny, tokenizer_270m, system="Be brief.", max_len=64, when_full="drop")
+    for message in ("Hello there", "Tell me more", "And then what happened"):
+        chat.send(message, max_new_tokens=8)
+    assert chat.dropped >= 1 and len(chat.history) == 2 * len(chat._turns)
+    first = chat._turns[0]  # the oldest kept exchange became the first turn: <bos>, system prompt
+    assert first.ids == chat.sampler.prepare(
+        format_turn(first.message, first=True, system="Be brief."), add_bos=True)[0]
+    assert chat.tokens == [i for t in chat._turns for i in t.ids + t.reply] and len(chat.tokens) + 8 <= 64
+    kept_equals_fresh(chat)
+    with pytest.raises(ValueError, match="exceeds max_len 64"):  # a message that alone does not fit
+        chat.send("word " * 80, max_new_tokens=8)
+
+
+def test_chat_cache_grows_with_the_dialog(tiny, tokenizer_270m, monkeypatch):
+    import gemma.chat as chat_module
+    from gemma.cache import init_cache
+
+    monkeypatch.setattr(chat_module, "_MIN_SLOTS", 16)
+    chat = ChatSampler(tiny, tokenizer_270m, max_len=128)
+    chat.send("Hello", max_new_tokens=4)
+    small = chat.cache.max_len
+    chat.send("Tell me a much longer story about it now", max_new_tokens=16)
+    assert chat.cache.max_len > small
+    kept_equals_fresh(chat)
+    # a cache of at most W slots (its local layers linear, not rings) moves into a larger one (rings)
+    s, ids = chat.sampler, list(range(10, 16))
+    _, cache = s.prefill([ids], init_cache(tiny.config, 1, 8, jnp.float32))
+    moved = chat_module._moved(cache, init_cache(tiny.config, 1, 32, jnp.float32))
+    assert not cache.layers[0].ring and moved.layers[0].ring
+    kept, _ = s.prefill([[9]], moved)
+    np.testing.assert_allclose(kept[0], full_logits(tiny, ids + [9])[-1], atol=2e-4, rtol=0)
+
+
+def test_max_len_defaults_to_and_stops_at_the_models_context(tiny, tokenizer_270m):
+    assert Sampler(tiny, tokenizer_270m).max_len == tiny.config.max_context == 4096
+    with pytest.raises(ValueError, match="max_len 5000 exceeds the model's context of 4096 tokens"):
+        Sampler(tiny, tokenizer_270m, max_len=5000)
+    with pytest.raises(ValueError, match="max_len must be an int >= 1"):
+        ChatSampler(tiny, tokenizer_270m, max_len=0)
+    with pytest.raises(ValueError, match="when_full must be one of"):
+        ChatSampler(tiny, tokenizer_270m, when_full="wrap")
+
+
 def test_streaming_holds_back_partial_utf8(tokenizer_270m):
     from gemma.sampler import IncrementalText
 
