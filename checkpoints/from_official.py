@@ -194,7 +194,7 @@ def official_specs(c: GemmaConfig, vocab_rows: int, fused_qkv: bool = False,
     specs = {"embedder/input_embedding": Spec((vocab_rows, d), ((("embedder", "embedding"), embedding),))}
     if c.vision is not None:
         w = c.vision.width
-        specs["embedder/mm_input_projection/w"] = Spec((w, d), ((("vision", "projector", "projection"), _same),))
+        specs["embedder/mm_input_projection/w"] = Spec((w, d), ((("vision", "projector", "projection", "w"), _same),))
         specs["embedder/mm_soft_embedding_norm/scale"] = Spec((w,), ((("vision", "projector", "norm_scale"), _same),))
     specs["final_norm/scale"] = Spec((d,), ((("final_norm", "scale"), _same),))
 
@@ -205,23 +205,23 @@ def official_specs(c: GemmaConfig, vocab_rows: int, fused_qkv: bool = False,
         o, ours = f"layer_{i}/", ("layers", i)
         att = ours + ("attn",)
         if fused_qkv:
-            specs[o + "attn/qkv_einsum/w"] = Spec((3, n, d, h), tuple((att + (name,), heads_first(j)) for j, name in
+            specs[o + "attn/qkv_einsum/w"] = Spec((3, n, d, h), tuple((att + (name, "w"), heads_first(j)) for j, name in
                                                                    enumerate(("q_proj", "k_proj", "v_proj"))))
         else:
-            specs[o + "attn/q_einsum/w"] = Spec((n, d, h), ((att + ("q_proj",), lambda x: x.transpose(1, 0, 2)),))
-            specs[o + "attn/kv_einsum/w"] = Spec((2, k, d, h), ((att + ("k_proj",), heads_first(0)),
-                                                                (att + ("v_proj",), heads_first(1))))
-        specs[o + "attn/attn_vec_einsum/w"] = Spec((n, h, d), ((att + ("o_proj",), _same),))
+            specs[o + "attn/q_einsum/w"] = Spec((n, d, h), ((att + ("q_proj", "w"), lambda x: x.transpose(1, 0, 2)),))
+            specs[o + "attn/kv_einsum/w"] = Spec((2, k, d, h), ((att + ("k_proj", "w"), heads_first(0)),
+                                                                (att + ("v_proj", "w"), heads_first(1))))
+        specs[o + "attn/attn_vec_einsum/w"] = Spec((n, h, d), ((att + ("o_proj", "w"), _same),))
         specs[o + "attn/_query_norm/scale"] = Spec((h,), ((att + ("q_norm", "scale"), _same),))
         specs[o + "attn/_key_norm/scale"] = Spec((h,), ((att + ("k_norm", "scale"), _same),))
         mlp = ours + ("mlp",)
         if transposed_gating:  # [2, F, D]
-            specs[o + "mlp/gating_einsum"] = Spec((2, f, d), ((mlp + ("gate_proj",), lambda x: x[0].T),
-                                                              (mlp + ("up_proj",), lambda x: x[1].T)))
+            specs[o + "mlp/gating_einsum"] = Spec((2, f, d), ((mlp + ("gate_proj", "w"), lambda x: x[0].T),
+                                                              (mlp + ("up_proj", "w"), lambda x: x[1].T)))
         else:  # [2, D, F]
-            specs[o + "mlp/gating_einsum"] = Spec((2, d, f), ((mlp + ("gate_proj",), lambda x: x[0]),
-                                                              (mlp + ("up_proj",), lambda x: x[1])))
-        specs[o + "mlp/linear"] = Spec((f, d), ((mlp + ("down_proj",), _same),))
+            specs[o + "mlp/gating_einsum"] = Spec((2, d, f), ((mlp + ("gate_proj", "w"), lambda x: x[0]),
+                                                              (mlp + ("up_proj", "w"), lambda x: x[1])))
+        specs[o + "mlp/linear"] = Spec((f, d), ((mlp + ("down_proj", "w"), _same),))
         for norm in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"):
             specs[o + norm + "/scale"] = Spec((d,), ((ours + (norm, "scale"), _same),))
     if c.vision is not None:
@@ -245,12 +245,12 @@ def official_vision_specs(v: SigLIPConfig) -> dict[str, Spec]:
                 specs[b + f"LayerNorm_{j}/{leaf}"] = Spec((w,), ((ours + (ln, leaf), _same),))
         attn = b + "MultiHeadDotProductAttention_0/"
         for name, ours_name in (("query", "q"), ("key", "k"), ("value", "v")):
-            specs[attn + name + "/kernel"] = Spec((w, heads, hd), ((ours + (ours_name + "_proj",), _same),))
+            specs[attn + name + "/kernel"] = Spec((w, heads, hd), ((ours + (ours_name + "_proj", "w"), _same),))
             specs[attn + name + "/bias"] = Spec((heads, hd), ((ours + (ours_name + "_bias",), _same),))
-        specs[attn + "out/kernel"] = Spec((heads, hd, w), ((ours + ("o_proj",), _same),))
+        specs[attn + "out/kernel"] = Spec((heads, hd, w), ((ours + ("o_proj", "w"), _same),))
         specs[attn + "out/bias"] = Spec((w,), ((ours + ("o_bias",), _same),))
         for j, (fc, shape) in enumerate((("fc1", (w, mlp)), ("fc2", (mlp, w)))):
-            specs[b + f"MlpBlock_0/Dense_{j}/kernel"] = Spec(shape, ((ours + (fc,), _same),))
+            specs[b + f"MlpBlock_0/Dense_{j}/kernel"] = Spec(shape, ((ours + (fc, "w"), _same),))
             specs[b + f"MlpBlock_0/Dense_{j}/bias"] = Spec((shape[1],), ((ours + (fc + "_bias",), _same),))
     return specs
 

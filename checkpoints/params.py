@@ -24,7 +24,7 @@ from gemma.transformer import Transformer
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    path: tuple  # attribute path inside Transformer, e.g. ("layers", 0, "attn", "q_proj")
+    path: tuple  # attribute path inside Transformer, e.g. ("layers", 0, "attn", "q_proj", "w")
     hf_shape: tuple[int, ...]
     to_ours: Callable[[np.ndarray], np.ndarray]
 
@@ -48,15 +48,15 @@ def hf_specs(config: GemmaConfig) -> dict[str, Spec]:
         for hf_name in ("q_norm", "k_norm"):
             specs[p + f"self_attn.{hf_name}.weight"] = Spec(("layers", i, "attn", hf_name, "scale"), (h,), _identity)
         specs[p + "self_attn.q_proj.weight"] = Spec(
-            ("layers", i, "attn", "q_proj"), (n * h, d), lambda w: w.T.reshape(d, n, h))
+            ("layers", i, "attn", "q_proj", "w"), (n * h, d), lambda w: w.T.reshape(d, n, h))
         for name in ("k_proj", "v_proj"):
             specs[p + f"self_attn.{name}.weight"] = Spec(
-                ("layers", i, "attn", name), (k * h, d), lambda w: w.T.reshape(d, k, h))
+                ("layers", i, "attn", name, "w"), (k * h, d), lambda w: w.T.reshape(d, k, h))
         specs[p + "self_attn.o_proj.weight"] = Spec(
-            ("layers", i, "attn", "o_proj"), (d, n * h), lambda w: w.T.reshape(n, h, d))
+            ("layers", i, "attn", "o_proj", "w"), (d, n * h), lambda w: w.T.reshape(n, h, d))
         for name in ("gate_proj", "up_proj"):
-            specs[p + f"mlp.{name}.weight"] = Spec(("layers", i, "mlp", name), (f, d), lambda w: w.T)
-        specs[p + "mlp.down_proj.weight"] = Spec(("layers", i, "mlp", "down_proj"), (d, f), lambda w: w.T)
+            specs[p + f"mlp.{name}.weight"] = Spec(("layers", i, "mlp", name, "w"), (f, d), lambda w: w.T)
+        specs[p + "mlp.down_proj.weight"] = Spec(("layers", i, "mlp", "down_proj", "w"), (d, f), lambda w: w.T)
     if c.vision is not None:
         specs.update(vision_specs(c))
     return specs
@@ -75,7 +75,7 @@ def vision_specs(config: GemmaConfig) -> dict[str, Spec]:
         t + "embeddings.position_embedding.weight": Spec(enc + ("position_embedding",), (v.num_patches, w), _identity),
         t + "post_layernorm.weight": Spec(enc + ("post_layernorm", "scale"), (w,), _identity),
         t + "post_layernorm.bias": Spec(enc + ("post_layernorm", "bias"), (w,), _identity),
-        "multi_modal_projector.mm_input_projection_weight": Spec(("vision", "projector", "projection"),
+        "multi_modal_projector.mm_input_projection_weight": Spec(("vision", "projector", "projection", "w"),
                                                                  (w, config.d_model), _identity),
         "multi_modal_projector.mm_soft_emb_norm.weight": Spec(("vision", "projector", "norm_scale"), (w,), _identity),
     }
@@ -85,15 +85,15 @@ def vision_specs(config: GemmaConfig) -> dict[str, Spec]:
             specs[k + ln + ".weight"] = Spec(path + (ln, "scale"), (w,), _identity)
             specs[k + ln + ".bias"] = Spec(path + (ln, "bias"), (w,), _identity)
         for name in ("q", "k", "v"):
-            specs[k + f"self_attn.{name}_proj.weight"] = Spec(path + (f"{name}_proj",), (w, w),
+            specs[k + f"self_attn.{name}_proj.weight"] = Spec(path + (f"{name}_proj", "w"), (w, w),
                                                               lambda x: x.T.reshape(w, heads, h))
             specs[k + f"self_attn.{name}_proj.bias"] = Spec(path + (f"{name}_bias",), (w,),
                                                             lambda x: x.reshape(heads, h))
-        specs[k + "self_attn.out_proj.weight"] = Spec(path + ("o_proj",), (w, w), lambda x: x.T.reshape(heads, h, w))
+        specs[k + "self_attn.out_proj.weight"] = Spec(path + ("o_proj", "w"), (w, w), lambda x: x.T.reshape(heads, h, w))
         specs[k + "self_attn.out_proj.bias"] = Spec(path + ("o_bias",), (w,), _identity)
-        specs[k + "mlp.fc1.weight"] = Spec(path + ("fc1",), (f, w), lambda x: x.T)
+        specs[k + "mlp.fc1.weight"] = Spec(path + ("fc1", "w"), (f, w), lambda x: x.T)
         specs[k + "mlp.fc1.bias"] = Spec(path + ("fc1_bias",), (f,), _identity)
-        specs[k + "mlp.fc2.weight"] = Spec(path + ("fc2",), (w, f), lambda x: x.T)
+        specs[k + "mlp.fc2.weight"] = Spec(path + ("fc2", "w"), (w, f), lambda x: x.T)
         specs[k + "mlp.fc2.bias"] = Spec(path + ("fc2_bias",), (w,), _identity)
     return specs
 

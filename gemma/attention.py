@@ -9,15 +9,15 @@ from flax import nnx
 import kernels
 from gemma.cache import EMPTY, LayerCache
 from gemma.config import GemmaConfig
-from gemma.layers import RMSNorm, dense, rope
-from vision.siglip import normal_init
+from gemma.layers import RMSNorm, rope
+from kernels.dense import Einsum
 
 
 class Attention(nnx.Module):
     """One attention block. `layer_type` picks window and RoPE base.
 
-    Parameters: q_proj [D, N, H], k_proj / v_proj [D, K, H], o_proj [N, H, D],
-    q_norm / k_norm [H].
+    Projections (Einsum modules, weight `w`): q_proj [D, N, H], k_proj / v_proj [D, K, H],
+    o_proj [N, H, D]; q_norm / k_norm [H].
     """
 
     def __init__(self, config: GemmaConfig, layer_type: str, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -32,23 +32,24 @@ class Attention(nnx.Module):
             self.rope_base, self.rope_scale = c.rope_global_base, c.rope_global_scale
         else:
             self.rope_base, self.rope_scale = c.rope_local_base, 1.0
-        self.q_proj = nnx.Param(normal_init(rngs, (c.d_model, c.num_heads, c.head_dim), dtype))
-        self.k_proj = nnx.Param(normal_init(rngs, (c.d_model, c.num_kv_heads, c.head_dim), dtype))
-        self.v_proj = nnx.Param(normal_init(rngs, (c.d_model, c.num_kv_heads, c.head_dim), dtype))
-        self.o_proj = nnx.Param(normal_init(rngs, (c.num_heads, c.head_dim, c.d_model), dtype))
+        d, n, k, h = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = Einsum("BTD,DNH->BTNH", (d, n, h), ("embed", "q_heads", "head_dim"), dtype=dtype, rngs=rngs)
+        self.k_proj = Einsum("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), dtype=dtype, rngs=rngs)
+        self.v_proj = Einsum("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), dtype=dtype, rngs=rngs)
+        self.o_proj = Einsum("BTNH,NHD->BTD", (n, h, d), ("q_heads", "head_dim", "embed"), dtype=dtype, rngs=rngs)
         self.q_norm = RMSNorm(c.head_dim, eps=c.rms_eps, dtype=dtype)
         self.k_norm = RMSNorm(c.head_dim, eps=c.rms_eps, dtype=dtype)
 
     def project_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """[B, T, D] -> keys (normed, rotated) and values, each [B, T, K, H]."""
-        k = self.k_norm(dense("BTD,DKH->BTKH", x, self.k_proj[...]))
+        k = self.k_norm(self.k_proj(x))
         k = rope(k, positions, base=self.rope_base, scale=self.rope_scale)
-        v = dense("BTD,DKH->BTKH", x, self.v_proj[...])
+        v = self.v_proj(x)
         return k, v
 
     def project_q(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """[B, T, D] -> queries (normed, rotated) [B, T, N, H]."""
-        q = self.q_norm(dense("BTD,DNH->BTNH", x, self.q_proj[...]))
+        q = self.q_norm(self.q_proj(x))
         return rope(q, positions, base=self.rope_base, scale=self.rope_scale)
 
     def __call__(self, x: jax.Array, positions: jax.Array, k_start: jax.Array, k_end: jax.Array,
@@ -61,7 +62,7 @@ class Attention(nnx.Module):
         k, v = self.project_kv(x, positions)
         out = kernels.attention(q, k, v, k_start, k_end, scale=self.scale, softcap=self.softcap, impl=self.impl,
                                 window=self.window, lookahead=lookahead)
-        return dense("BTNH,NHD->BTD", out, self.o_proj[...])
+        return self.o_proj(out)
 
     def extend(self, x: jax.Array, positions: jax.Array, k_end: jax.Array, cache: LayerCache, length: jax.Array,
                window: int | None, fresh: bool = False) -> tuple[jax.Array, LayerCache]:
@@ -93,4 +94,4 @@ class Attention(nnx.Module):
                 k_pos = jnp.concatenate([cache.slot_positions(length), k_pos], axis=1)
         out = kernels.attention(q, keys, values, k_start, k_end, scale=self.scale, softcap=self.softcap,
                                 k_pos=k_pos, impl=self.impl)
-        return dense("BTNH,NHD->BTD", out, self.o_proj[...]), new_cache
+        return self.o_proj(out), new_cache

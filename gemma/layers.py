@@ -6,37 +6,11 @@ N query heads, K kv heads, H head_dim.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import cpu_dense
-from vision.siglip import normal_init
-
-
-def dense(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
-    """jnp.einsum(spec, x, w) for an activation x and a weight w, e.g. "BTD,DNH->BTNH".
-
-    Decode-sized products (<= cpu_dense.MAX_ROWS rows) with f32 or bf16 weights on CPU go to
-    kernels.cpu_dense, which streams the weights at memory speed where XLA's few-row dots do not;
-    the result is the same product accumulated in f32, returned in einsum's dtype.
-    """
-    (lhs, rhs), out = spec.split("->")[0].split(","), spec.split("->")[1]
-    batch = "".join(a for a in lhs if a not in rhs)
-    contract = "".join(a for a in lhs if a in rhs)
-    rest = "".join(a for a in rhs if a not in lhs)
-    rows = math.prod(x.shape[:len(batch)])
-    layout = "major" if rhs == contract + rest else "minor" if rhs == rest + contract else None
-    if layout is None or lhs != batch + contract or out != batch + rest or not cpu_dense.usable(x, w, rows):
-        return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
-    k = math.prod(x.shape[len(batch):])
-    w2 = w.reshape(k, -1) if layout == "major" else w.reshape(-1, k)
-    y = cpu_dense.dense(x.reshape(rows, k), w2, layout)
-    rest_shape = w.shape[len(contract):] if layout == "major" else w.shape[:len(rest)]
-    dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
-    return y.reshape(*x.shape[:len(batch)], *rest_shape).astype(dtype)
+from kernels.dense import Einsum, dense, normal_init
 
 
 class RMSNorm(nnx.Module):
@@ -44,7 +18,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         self.eps = eps
-        self.scale = nnx.Param(jnp.zeros((dim,), dtype))
+        self.scale = nnx.Param(jnp.zeros((dim,), dtype), logical_axes=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -56,7 +30,7 @@ class Embedder(nnx.Module):
     """Token embedding table E [V, D], tied to the output head."""
 
     def __init__(self, vocab_size: int, d_model: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(normal_init(rngs, (vocab_size, d_model), dtype))
+        self.embedding = nnx.Param(normal_init(rngs, (vocab_size, d_model), dtype), logical_axes=("vocab", "embed"))
 
     def encode(self, tokens: jax.Array) -> jax.Array:
         """int [B, T] -> [B, T, D], scaled by sqrt(D) cast to the table's dtype."""
@@ -73,14 +47,12 @@ class GeGLU(nnx.Module):
     """down(gelu_tanh(x @ gate) * (x @ up))."""
 
     def __init__(self, d_model: int, hidden_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.gate_proj = nnx.Param(normal_init(rngs, (d_model, hidden_dim), dtype))
-        self.up_proj = nnx.Param(normal_init(rngs, (d_model, hidden_dim), dtype))
-        self.down_proj = nnx.Param(normal_init(rngs, (hidden_dim, d_model), dtype))
+        self.gate_proj = Einsum("BTD,DF->BTF", (d_model, hidden_dim), ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.up_proj = Einsum("BTD,DF->BTF", (d_model, hidden_dim), ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.down_proj = Einsum("BTF,FD->BTD", (hidden_dim, d_model), ("mlp", "embed"), dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = dense("BTD,DF->BTF", x, self.gate_proj[...])
-        up = dense("BTD,DF->BTF", x, self.up_proj[...])
-        return dense("BTF,FD->BTD", jax.nn.gelu(gate, approximate=True) * up, self.down_proj[...])
+        return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x))
 
 
 def rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float = 1.0) -> jax.Array:

@@ -62,6 +62,27 @@ def causal_intervals(input_mask: jax.Array, window: int | None,
     return k_start, jnp.broadcast_to(k_end, input_mask.shape)
 
 
+def segment_intervals(segment_ids: jax.Array, window: int | None) -> tuple[jax.Array, jax.Array]:
+    """Key interval of each query of a packed batch.
+
+    segment_ids: int [B, T], one id > 0 per example (each a contiguous run), 0 on padding. Query t
+    sees keys j of its own example with j <= t and, with a window W, t - W < j; padding queries get
+    an empty interval.
+    """
+    t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
+    first = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    k_start = jax.lax.cummax(jnp.where(first, t, 0), axis=1)
+    if window is not None:
+        k_start = jnp.maximum(k_start, t - window + 1)
+    return k_start, jnp.where(segment_ids > 0, t, -1)
+
+
+REMAT_POLICIES = {  # what a rematerialised block keeps from its forward for the backward
+    "full": None,  # nothing: every block is recomputed
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the projections' outputs
+}
+
+
 def image_block_end(is_soft: jax.Array) -> jax.Array:
     """int [B, T]: for a soft token, the index of the last soft token of its contiguous block; else -1."""
     t = jnp.arange(is_soft.shape[1], dtype=jnp.int32)
@@ -107,17 +128,32 @@ class Transformer(nnx.Module):
         index = jnp.clip(jnp.cumsum(is_soft) - 1, 0, soft.shape[0] - 1)
         merged = jnp.where(is_soft[:, None], soft[index].astype(x.dtype), x.reshape(-1, x.shape[-1]))
         return merged.reshape(x.shape)
-    def forward(self, tokens: jax.Array, positions: jax.Array, input_mask: jax.Array,
-                last_only: bool = False, return_hidden: bool = False, images: jax.Array | None = None) -> jax.Array:
+    def forward(self, tokens: jax.Array, positions: jax.Array, input_mask: jax.Array | None,
+                last_only: bool = False, return_hidden: bool = False, images: jax.Array | None = None,
+                segment_ids: jax.Array | None = None, remat: str | None = None) -> jax.Array:
         """Traceable forward: tokens, positions int [B, T], input_mask bool [B, T] -> f32 logits
         (or, with return_hidden, the final-normed hidden states [B, T, D] that the tied head reads).
-        With `images`, soft tokens take the vision tower's output and attend bidirectionally per image."""
+        With `images`, soft tokens take the vision tower's output and attend bidirectionally per image.
+        `segment_ids` int [B, T] (packed examples, 0 on padding) replaces input_mask: each example
+        attends to itself only. `remat` (static): a REMAT_POLICIES name, recomputing each block in the
+        backward instead of keeping its activations."""
         x = self.embed(tokens, images)
         block_end = None if images is None else image_block_end(tokens == self.config.image_token_id)
-        intervals = {w: causal_intervals(input_mask, w, block_end) for w in {b.sliding_window for b in self.layers}}
+        windows = {b.sliding_window for b in self.layers}
+        if segment_ids is not None:
+            if images is not None:
+                raise ValueError("packed segments with images are not supported; give input_mask")
+            intervals = {w: segment_intervals(segment_ids, w) for w in windows}
+        else:
+            intervals = {w: causal_intervals(input_mask, w, block_end) for w in windows}
         lookahead = 0 if images is None else self.config.vision.tokens_per_image - 1
+        call = Block.__call__
+        if remat is not None:
+            if remat not in REMAT_POLICIES:
+                raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)} or None")
+            call = nnx.remat(Block.__call__, policy=REMAT_POLICIES[remat], static_argnums=(5,))
         for block in self.layers:
-            x = block(x, positions, *intervals[block.sliding_window], lookahead)
+            x = call(block, x, positions, *intervals[block.sliding_window], lookahead)
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)

@@ -177,7 +177,7 @@ def test_gguf_q8_0_dequantizes_exactly(tmp_path):
     down = load_file(WINDOW / "model.safetensors")["model.layers.3.mlp.down_proj.weight"]
     expected = gguf.quants.dequantize(gguf.quants.quantize(down, q8), q8).T
     assert not np.array_equal(expected, down.T)  # quantization really happened
-    np.testing.assert_array_equal(model.layers[3].mlp.down_proj[...], expected)
+    np.testing.assert_array_equal(model.layers[3].mlp.down_proj.w[...], expected)
 
 
 def test_truncated_gguf(tmp_path):
@@ -212,7 +212,7 @@ def test_orbax_restore_with_another_dtype(tmp_path):
     model = checkpoints.load(WINDOW)
     checkpoints.save(model, tmp_path / "ckpt")
     as_bf16 = checkpoints.load(tmp_path / "ckpt", dtype=jnp.bfloat16)
-    assert as_bf16.layers[0].attn.q_proj[...].dtype == jnp.bfloat16
+    assert as_bf16.layers[0].attn.q_proj.w[...].dtype == jnp.bfloat16
     with pytest.raises(FileNotFoundError, match="no tokenizer.model"):
         checkpoints.load_tokenizer(tmp_path / "ckpt")
 

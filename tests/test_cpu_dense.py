@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from gemma import config as C
-from gemma.layers import dense
+from kernels.dense import dense
 from gemma.transformer import Transformer
 from kernels import cpu_dense
 

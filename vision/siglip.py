@@ -9,12 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels.dense import Einsum, normal_init
 from vision.config import SigLIPConfig
-
-
-def normal_init(rngs: nnx.Rngs, shape, dtype, scale: float = 0.02) -> jax.Array:
-    """N(0, scale^2) parameters, drawn in f32 and cast (the random init of every matrix here and in gemma)."""
-    return (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -37,32 +33,36 @@ class EncoderBlock(nnx.Module):
     def __init__(self, c: SigLIPConfig, *, dtype, rngs: nnx.Rngs):
         h = c.width // c.num_heads
         self.layer_norm1 = LayerNorm(c.width, c.eps, dtype)
-        self.q_proj = nnx.Param(normal_init(rngs, (c.width, c.num_heads, h), dtype))
-        self.k_proj = nnx.Param(normal_init(rngs, (c.width, c.num_heads, h), dtype))
-        self.v_proj = nnx.Param(normal_init(rngs, (c.width, c.num_heads, h), dtype))
+        heads = ("vision_embed", "vision_heads", "vision_head_dim")
+        self.q_proj = Einsum("BPD,DNH->BPNH", (c.width, c.num_heads, h), heads, dtype=dtype, rngs=rngs)
+        self.k_proj = Einsum("BPD,DNH->BPNH", (c.width, c.num_heads, h), heads, dtype=dtype, rngs=rngs)
+        self.v_proj = Einsum("BPD,DNH->BPNH", (c.width, c.num_heads, h), heads, dtype=dtype, rngs=rngs)
         self.q_bias = nnx.Param(jnp.zeros((c.num_heads, h), dtype))
         self.k_bias = nnx.Param(jnp.zeros((c.num_heads, h), dtype))
         self.v_bias = nnx.Param(jnp.zeros((c.num_heads, h), dtype))
-        self.o_proj = nnx.Param(normal_init(rngs, (c.num_heads, h, c.width), dtype))
+        self.o_proj = Einsum("BPNH,NHD->BPD", (c.num_heads, h, c.width), heads[1:] + heads[:1], dtype=dtype,
+                             rngs=rngs)
         self.o_bias = nnx.Param(jnp.zeros((c.width,), dtype))
         self.layer_norm2 = LayerNorm(c.width, c.eps, dtype)
-        self.fc1 = nnx.Param(normal_init(rngs, (c.width, c.mlp_dim), dtype))
+        self.fc1 = Einsum("BPD,DF->BPF", (c.width, c.mlp_dim), ("vision_embed", "vision_mlp"), dtype=dtype,
+                          rngs=rngs)
         self.fc1_bias = nnx.Param(jnp.zeros((c.mlp_dim,), dtype))
-        self.fc2 = nnx.Param(normal_init(rngs, (c.mlp_dim, c.width), dtype))
+        self.fc2 = Einsum("BPF,FD->BPD", (c.mlp_dim, c.width), ("vision_mlp", "vision_embed"), dtype=dtype,
+                          rngs=rngs)
         self.fc2_bias = nnx.Param(jnp.zeros((c.width,), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.layer_norm1(x)
-        q = jnp.einsum("BPD,DNH->BPNH", y, self.q_proj[...]) + self.q_bias[...]
-        k = jnp.einsum("BPD,DNH->BPNH", y, self.k_proj[...]) + self.k_bias[...]
-        v = jnp.einsum("BPD,DNH->BPNH", y, self.v_proj[...]) + self.v_bias[...]
+        q = self.q_proj(y) + self.q_bias[...]
+        k = self.k_proj(y) + self.k_bias[...]
+        v = self.v_proj(y) + self.v_bias[...]
         scores = jnp.einsum("BPNH,BSNH->BNPS", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         attn = jnp.einsum("BNPS,BSNH->BPNH", probs, v)
-        x = x + jnp.einsum("BPNH,NHD->BPD", attn, self.o_proj[...]) + self.o_bias[...]
+        x = x + self.o_proj(attn) + self.o_bias[...]
         y = self.layer_norm2(x)
-        y = jax.nn.gelu(jnp.einsum("BPD,DF->BPF", y, self.fc1[...]) + self.fc1_bias[...], approximate=True)
-        return x + jnp.einsum("BPF,FD->BPD", y, self.fc2[...]) + self.fc2_bias[...]
+        y = jax.nn.gelu(self.fc1(y) + self.fc1_bias[...], approximate=True)
+        return x + self.fc2(y) + self.fc2_bias[...]
 
 
 class SigLIPEncoder(nnx.Module):
@@ -94,7 +94,7 @@ class Projector(nnx.Module):
     def __init__(self, c: SigLIPConfig, d_model: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = c
         self.norm_scale = nnx.Param(jnp.zeros((c.width,), dtype))
-        self.projection = nnx.Param(normal_init(rngs, (c.width, d_model), dtype))
+        self.projection = Einsum("BTD,DM->BTM", (c.width, d_model), ("vision_embed", "embed"), dtype=dtype, rngs=rngs)
 
     def __call__(self, features: jax.Array) -> jax.Array:
         c = self.config
@@ -103,7 +103,7 @@ class Projector(nnx.Module):
         pooled = grid.mean(axis=(2, 4)).reshape(b, -1, c.width)  # [B, T, D], row-major token order
         normed = pooled * jax.lax.rsqrt(jnp.mean(pooled * pooled, -1, keepdims=True) + c.eps)
         normed = normed * (1.0 + self.norm_scale[...].astype(jnp.float32))
-        return jnp.einsum("BTD,DM->BTM", normed.astype(features.dtype), self.projection[...])
+        return self.projection(normed.astype(features.dtype))
 
 
 class VisionTower(nnx.Module):
