@@ -1,0 +1,204 @@
+"""The fine-tuning trainer: full or LoRA, sharded over a (data, fsdp, tensor) mesh, accumulated, resumable.
+
+    trainer = Trainer(model, TrainConfig(steps=100, lora_rank=8))
+    metrics = trainer.step([batch_1, batch_2])        # one optimizer step over grad_accum micro-batches
+
+One optimizer step sums the masked cross-entropy (gemma.train.loss, chunked over the vocabulary) and its
+gradient over k micro-batches and divides by their loss tokens, so k micro-batches of B rows equal one
+batch of k * B rows. Parameters and optimizer state stay float32 (master weights); the forward and
+backward run in `compute_dtype`. With LoRA only the adapters (nnx.LoRAParam) are trained and held by
+the optimizer; the frozen weights keep their dtype and are cast to the compute dtype inside the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gemma.train import lora, sharding
+from gemma.train.loss import cross_entropy_sum
+from gemma.transformer import REMAT_POLICIES, Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What a fine-tuning run does (the command line's flags; see `python -m gemma finetune --help`)."""
+
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 512
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    end_learning_rate: float = 0.0  # the cosine decay's floor, reached at the last step
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0  # global-norm gradient clipping (None: off)
+    b1: float = 0.9
+    b2: float = 0.999
+    lora_rank: int | None = None  # None: full fine-tuning
+    lora_alpha: float | None = None  # default: the rank
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    compute_dtype: str = "float32"
+    remat: str | None = None  # a gemma.transformer.REMAT_POLICIES name
+    loss_chunk: int = 16384  # vocabulary chunk of the cross-entropy
+    seed: int = 0
+
+    def __post_init__(self):
+        problems = []
+        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                problems.append(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.warmup_steps, (int, np.integer)) or self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            problems.append(f"clip_norm must be > 0 or None, got {self.clip_norm!r}")
+        if self.lora_rank is not None and (not isinstance(self.lora_rank, (int, np.integer)) or self.lora_rank < 1):
+            problems.append(f"lora_rank must be an int >= 1 (or None for full fine-tuning), got {self.lora_rank!r}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            problems.append(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            problems.append(f"compute dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+        if self.remat is not None and self.remat not in REMAT_POLICIES:
+            problems.append(f"remat must be one of {sorted(REMAT_POLICIES)} or None, got {self.remat!r}")
+        if problems:
+            raise ValueError("invalid training settings: " + "; ".join(problems))
+        object.__setattr__(self, "lora_targets", lora.parse_targets(self.lora_targets))
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank is not None
+
+    def schedule(self) -> optax.Schedule:
+        """Linear warmup from 0 to learning_rate, then cosine decay to end_learning_rate at `steps`."""
+        warmup = min(self.warmup_steps, self.steps - 1)
+        return optax.warmup_cosine_decay_schedule(0.0 if warmup else self.learning_rate, self.learning_rate,
+                                                  warmup, max(self.steps, warmup + 1), self.end_learning_rate)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        adamw = optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, weight_decay=self.weight_decay)
+        return adamw if self.clip_norm is None else optax.chain(optax.clip_by_global_norm(self.clip_norm), adamw)
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def loss_sums(graphdef, trainable, frozen, batch, compute_dtype, remat, chunk):
+    """(sum of weighted token cross-entropies, sum of weights) of one micro-batch (a data.Batch of arrays)."""
+    model = nnx.merge(graphdef, _cast(trainable, compute_dtype), _cast(frozen, compute_dtype))
+    model.dtype = jnp.dtype(compute_dtype)
+    hidden = model.forward(batch.inputs, batch.positions, None, return_hidden=True, segment_ids=batch.segment_ids,
+                           remat=remat)
+    return cross_entropy_sum(hidden, model.embedder.embedding[...], batch.targets, batch.weights,
+                             chunk_size=chunk, softcap=model.config.final_logit_softcap)
+
+
+def _train_step(graphdef, optimizer, compute_dtype, remat, chunk, trainable, frozen, opt_state, batches):
+    """One optimizer step over micro-batches stacked on a leading axis [k, B, L]."""
+    def micro(carry, batch):
+        grads, loss, count = carry
+        (l, n), g = jax.value_and_grad(
+            lambda t: (lambda s: (s[0], s[1]))(loss_sums(graphdef, t, frozen, batch, compute_dtype, remat, chunk)),
+            has_aux=True)(trainable)
+        return (jax.tree.map(jnp.add, grads, g), loss + l, count + n), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    (grads, loss, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batches)
+    grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, {"loss": loss / jnp.maximum(count, 1.0), "tokens": count,
+                                  "grad_norm": optax.global_norm(grads)}
+
+
+def _eval_step(graphdef, compute_dtype, chunk, trainable, frozen, batch):
+    return loss_sums(graphdef, trainable, frozen, batch, compute_dtype, None, chunk)
+
+
+class Trainer:
+    """Holds the split model (trainable / frozen parameter states), the optimizer state and the jitted step.
+
+    `model` is taken over (LoRA is applied to it in place). `mesh` (default: every device on fsdp)
+    shards parameters and optimizer state by `sharding.RULES` and batches over data x fsdp.
+    """
+
+    def __init__(self, model: Transformer, config: TrainConfig, mesh=None):
+        self.config = config
+        self.mesh = mesh if mesh is not None else sharding.make_mesh()
+        if config.lora:
+            lora.apply(model, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed)
+            trainable_type = nnx.LoRAParam
+        else:
+            trainable_type = nnx.Param
+        self.model_config = model.config
+        self.graphdef, trainable, frozen = nnx.split(model, trainable_type, ...)
+        self.trainable_shardings = sharding.state_shardings(trainable, self.mesh)
+        self.frozen_shardings = sharding.state_shardings(frozen, self.mesh)
+        self.trainable = sharding.put(trainable, self.trainable_shardings)
+        self.frozen = sharding.put(frozen, self.frozen_shardings)
+        self.optimizer = config.optimizer()
+        self.opt_shardings = optax.tree_map_params(self.optimizer, lambda _, s: s,
+                                                   jax.eval_shape(self.optimizer.init, self.trainable),
+                                                   self.trainable_shardings,
+                                                   transform_non_params=lambda _: sharding.replicated(self.mesh),
+                                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
+        self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(self.trainable)
+        self.step_count = 0
+        self._batch = sharding.batch_sharding(self.mesh)
+        micro = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, *self._batch.spec))
+        self._step = jax.jit(
+            functools.partial(_train_step, self.graphdef, self.optimizer, config.compute_dtype, config.remat,
+                              config.loss_chunk),
+            in_shardings=(self.trainable_shardings, self.frozen_shardings, self.opt_shardings, micro),
+            out_shardings=(self.trainable_shardings, self.opt_shardings, None), donate_argnums=(0, 2))
+        self._eval = jax.jit(functools.partial(_eval_step, self.graphdef, config.compute_dtype, config.loss_chunk),
+                             in_shardings=(self.trainable_shardings, self.frozen_shardings, self._batch))
+
+    # ----------------------------------------------------------------------------------- steps
+    def _global(self, batch, stacked: bool):
+        """Process-local rows (numpy) -> global arrays split over the batch axes."""
+        spec = self._batch.spec if not stacked else jax.sharding.PartitionSpec(None, *self._batch.spec)
+        named = jax.sharding.NamedSharding(self.mesh, spec)
+        return type(batch)(*(jax.make_array_from_process_local_data(named, np.asarray(x)) for x in batch))
+
+    def step(self, micro_batches: Sequence) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches (data.Batch of this process's rows)."""
+        if len(micro_batches) != self.config.grad_accum:
+            raise ValueError(f"a step takes grad_accum={self.config.grad_accum} micro-batches, got {len(micro_batches)}")
+        stacked = type(micro_batches[0])(*(np.stack(xs) for xs in zip(*micro_batches)))
+        lr = float(self.config.schedule()(self.step_count))
+        self.trainable, self.opt_state, metrics = self._step(self.trainable, self.frozen, self.opt_state,
+                                                             self._global(stacked, True))
+        self.step_count += 1
+        return {"loss": float(metrics["loss"]), "tokens": int(metrics["tokens"]), "learning_rate": lr,
+                "grad_norm": float(metrics["grad_norm"])}
+
+    def loss_sums(self, batch) -> tuple[float, float]:
+        """(sum of weighted cross-entropies, sum of weights) of one batch, without updating anything."""
+        loss, count = self._eval(self.trainable, self.frozen, self._global(batch, False))
+        return float(loss), float(count)
+
+    # ----------------------------------------------------------------------------------- results
+    def model(self) -> Transformer:
+        """The current model (float32 trainable weights; LoRA still attached)."""
+        return nnx.merge(self.graphdef, jax.device_get(self.trainable), jax.device_get(self.frozen))
+
+    def merged_model(self, dtype=jnp.float32) -> Transformer:
+        """The fine-tuned model with adapters folded into their weights (in f32), on the host, in `dtype`."""
+        model = lora.merge(self.model())
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, _cast(state, dtype))
+        model.dtype = jnp.dtype(dtype)
+        return model
