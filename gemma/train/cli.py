@@ -1,0 +1,116 @@
+"""`python -m gemma finetune`: the command line of gemma.train.run.finetune.
+
+Every argument is checked (settings, mesh, model source, data file, output directory) before the
+weights load; bad input exits with status 2 and one line naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HELP = "fine-tune a model on a JSONL file (full or LoRA); rerun the same command to resume"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("finetune", help=HELP, description=HELP + ". Writes DIR/metrics.jsonl, orbax checkpoints "
+                       "and, at the end, the fine-tuned model: checkpoints.load(DIR).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="gemma3-270m", help="'gemma3-270m', a .gguf file, an HF dir or an orbax dir")
+    p.add_argument("--data", required=True, help="training JSONL: {messages}, {prompt, response} or {text} a line")
+    p.add_argument("--output", required=True, help="run directory (created; holding this run: resumed)")
+    p.add_argument("--eval-data", default=None, help="JSONL for the eval loss")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the data instead of --steps")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch (global, all devices)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per row")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="peak learning rate (default: 1e-4 with LoRA, 1e-5 full)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, then cosine decay to 0")
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (omitted: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="projections that get adapters")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=2,tensor=2 (default: fsdp=all)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="compute dtype; weights and optimizer state stay float32 (default: float32 on CPU, "
+                        "bfloat16 on TPU/GPU)")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                   help="pack several examples per row (each attends to itself only)")
+    p.add_argument("--long", default="truncate", choices=["truncate", "drop", "error"],
+                   help="what to do with an example longer than --seq-len")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every K steps (and at the end)")
+    p.add_argument("--eval-every", type=int, default=None, help="eval every K steps, at step 0 and at the end")
+    p.add_argument("--remat", default=None, choices=["full", "dots"], help="recompute blocks in the backward")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _distributed() -> None:
+    """jax.distributed.initialize for multi-host runs (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+    JAX_PROCESS_ID in the environment; on TPU pods jax finds them itself)."""
+    import jax
+
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
+                                   int(os.environ["JAX_PROCESS_ID"]))
+
+
+def main(args) -> int:
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        _distributed()
+        import jax
+
+        import checkpoints
+        from gemma.train import run, sharding
+        from gemma.train.trainer import TrainConfig
+
+        for flag, value in (("--save-every", args.save_every), ("--eval-every", args.eval_every)):
+            if value is not None and value < 1:
+                return fail(f"{flag} must be >= 1, got {value}")
+        if args.steps is not None and args.steps < 1:
+            return fail(f"--steps must be >= 1, got {args.steps}")
+        if args.epochs is not None and not args.epochs > 0:
+            return fail(f"--epochs must be > 0, got {args.epochs}")
+        lr = args.learning_rate if args.learning_rate is not None else (1e-4 if args.lora_rank else 1e-5)
+        dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        config = TrainConfig(steps=args.steps or 1, batch_size=args.batch_size, seq_len=args.seq_len,
+                             grad_accum=args.grad_accum, learning_rate=lr, warmup_steps=args.warmup_steps,
+                             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                             lora_targets=args.lora_targets, compute_dtype=dtype, remat=args.remat, seed=args.seed)
+        mesh = sharding.make_mesh(args.mesh)
+        for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
+            if path is not None and not os.path.isfile(path):
+                return fail(f"{flag} {path}: no such file")
+        checkpoints.resolve(args.model)
+        source = args.model if not os.path.exists(args.model) else os.path.abspath(args.model)
+        identity = run.run_identity(config, source, args.data, args.packing, args.long)
+        run.check_output(os.path.abspath(args.output), identity)
+        tokenizer = checkpoints.load_tokenizer(args.model)
+        from gemma.train import data
+
+        data.load_examples(args.data, tokenizer, args.seq_len, args.long)  # bad records fail before the load
+        if args.eval_data:
+            data.load_examples(args.eval_data, tokenizer, args.seq_len, args.long)
+    except (ValueError, OSError, ModuleNotFoundError) as e:
+        return fail(str(e).splitlines()[0] if "\n" in str(e) and len(str(e)) > 400 else str(e))
+    model = checkpoints.load(args.model)
+    epochs = args.epochs if args.epochs is not None else (None if args.steps is not None else 1.0)
+    result = run.finetune(model, tokenizer, args.data, args.output, config=config, eval_path=args.eval_data,
+                          packing=args.packing, long=args.long, save_every=args.save_every,
+                          eval_every=args.eval_every, keep=args.keep, mesh=mesh, model_source=source,
+                          epochs=epochs, log=lambda line: print(line, file=sys.stderr))
+    if jax.process_index() == 0:
+        evals = f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else ""
+        print(f"step {result['step']}: loss {result['loss']:.4f}{evals}; the fine-tuned model is in "
+              f"{result['path']} (checkpoints.load)", file=sys.stderr)
+    return 0
