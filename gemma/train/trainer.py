@@ -120,7 +120,7 @@ def _train_step(graphdef, optimizer, compute_dtype, remat, chunk, trainable, fro
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     return trainable, opt_state, {"loss": loss / jnp.maximum(count, 1.0), "tokens": count,
-                                  "grad_norm": optax.global_norm(grads)}
+                                  "grad_norm": optax.tree.norm(grads)}
 
 
 def _eval_step(graphdef, compute_dtype, chunk, trainable, frozen, batch):
