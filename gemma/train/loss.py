@@ -1,0 +1,191 @@
+"""Cross-entropy over the tied embedding head, chunked over the vocabulary.
+
+With Gemma 3's 262,144-entry vocabulary the logits are the largest tensor of a training step
+(8 x 512 tokens x 262144 x 4 B = 4.3 GB in f32, and autodiff keeps their softmax as well).
+`cross_entropy_sum` never holds [tokens, V] logits: a custom_vjp whose forward loops over vocabulary
+chunks keeping a running max / sum of exponentials (an online logsumexp) and the target logit, and whose
+backward recomputes each chunk's logits from the saved logsumexp, accumulates d_hidden and writes
+d_embedding chunk by chunk. Peak memory is O(tokens x chunk_size), not O(tokens x V).
+
+Gradients flow to the hidden states and to the table: full fine-tuning trains the table, LoRA trains
+neither but needs d_hidden to reach its adapters.
+
+    total, count = cross_entropy_sum(hidden, model.embedder.embedding[...], targets, weights)
+    loss = cross_entropy(hidden, embedding, targets, weights)        # total / max(count, 1)
+
+Precision: logits are computed with f32 accumulation (preferred_element_type=f32) from inputs of any float
+dtype, the logsumexp and the loss are f32. In the backward, dlogits = w * (softmax - onehot) is computed
+in f32 and cast to the operands' dtype (bf16 for a bf16 model, as autodiff of a bf16 einsum does) for the
+two products, which accumulate in f32; d_hidden is returned in hidden's dtype, d_embedding in the table's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_CHUNK = 16384
+
+
+def cross_entropy_sum(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array, *,
+                      chunk_size: int = DEFAULT_CHUNK, softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """Weighted cross-entropy of the tied head, summed; never materialises [tokens, V] logits.
+
+    Args:
+      hidden: [..., D] final-normed hidden states, any float dtype.
+      embedding: [V, D] the tied embedding table (logits = hidden @ embedding.T, f32 accumulation).
+      targets: int [...] target ids in [0, V) (positions with weight 0 may hold anything, e.g. -100).
+      weights: float [...] per-position weights; 0 excludes a position.
+      chunk_size: vocabulary rows per chunk (V need not be a multiple; capped at V).
+      softcap: optional final-logit soft-cap: logits -> cap * tanh(logits / cap).
+
+    Returns:
+      (sum_t w_t * CE_t, sum_t w_t), both float32 scalars.
+    """
+    h, e, t, w = _check(hidden, embedding, targets, weights, chunk_size, softcap)
+    chunk = min(int(chunk_size), e.shape[0])
+    total = _chunked_ce(h, e, t, w, chunk, None if softcap is None else float(softcap))
+    return total, jnp.sum(w)
+
+
+def cross_entropy(hidden, embedding, targets, weights, **kw) -> jax.Array:
+    """Weighted mean cross-entropy: cross_entropy_sum(...) total / max(count, 1), f32 scalar."""
+    total, count = cross_entropy_sum(hidden, embedding, targets, weights, **kw)
+    return total / jnp.maximum(count, 1.0)
+
+
+def plain_cross_entropy_sum(hidden, embedding, targets, weights, *, chunk_size: int | None = None,
+                            softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """The unchunked reference (full [tokens, V] f32 logits + log_softmax, plain autodiff); same signature
+    and results as cross_entropy_sum (chunk_size is accepted and ignored). For tests and small vocabularies."""
+    h, e, t, w = _check(hidden, embedding, targets, weights, chunk_size or 1, softcap)
+    logits = _logits(h, e, softcap)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    safe = jnp.clip(t, 0, e.shape[0] - 1)
+    ce = -jnp.take_along_axis(logp, safe[:, None], axis=-1)[:, 0]
+    return jnp.sum(w * jnp.where(w != 0, ce, 0.0)), jnp.sum(w)
+
+
+def _logits(h, e, softcap):
+    """[T, D] x [C, D] -> f32 logits [T, C], optionally soft-capped."""
+    logits = jnp.einsum("TD,VD->TV", h, e, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    return logits
+
+
+def _chunk_logits(h, e, i, chunk, softcap):
+    """Logits of vocabulary chunk i: rows [start, start + chunk) with start clamped so the last chunk stays
+    inside the table (it then overlaps its predecessor); `fresh` marks the rows this chunk owns."""
+    v = e.shape[0]
+    start = jnp.minimum(i * chunk, v - chunk)
+    rows = start + jnp.arange(chunk, dtype=jnp.int32)  # [C] vocabulary ids
+    fresh = rows >= i * chunk  # overlap rows were counted by chunk i - 1
+    e_c = jax.lax.dynamic_slice_in_dim(e, start, chunk, axis=0)
+    return _logits(h, e_c, softcap), e_c, start, rows, fresh
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_ce(h, e, t, w, chunk, softcap):
+    return _forward(h, e, t, w, chunk, softcap)[0]
+
+
+def _forward(h, e, t, w, chunk, softcap):
+    n_chunks = -(-e.shape[0] // chunk)
+    tokens = h.shape[0]
+
+    def body(i, carry):
+        m, s, tgt = carry
+        logits, _, _, rows, fresh = _chunk_logits(h, e, i, chunk, softcap)
+        logits = jnp.where(fresh[None, :], logits, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
+        hit = (rows[None, :] == t[:, None]) & fresh[None, :]
+        tgt = tgt + jnp.sum(jnp.where(hit, logits, 0.0), axis=1)
+        return m_new, s, tgt
+
+    init = (jnp.full((tokens,), -jnp.inf, jnp.float32), jnp.zeros((tokens,), jnp.float32),
+            jnp.zeros((tokens,), jnp.float32))
+    m, s, tgt = jax.lax.fori_loop(0, n_chunks, body, init)
+    lse = m + jnp.log(s)
+    ce = jnp.where(w != 0, lse - tgt, 0.0)  # excluded positions (any target) contribute exactly 0
+    return jnp.sum(w * ce), (h, e, t, w, lse, ce)
+
+
+def _fwd(h, e, t, w, chunk, softcap):
+    return _forward(h, e, t, w, chunk, softcap)
+
+
+def _bwd(chunk, softcap, res, g):
+    h, e, t, w, lse, ce = res
+    n_chunks = -(-e.shape[0] // chunk)
+    compute = jnp.result_type(h.dtype, e.dtype)
+    scale = (g * w).astype(jnp.float32)  # [T]: d total / d CE_t
+
+    def body(i, carry):
+        dh, de = carry
+        logits, e_c, start, rows, fresh = _chunk_logits(h, e, i, chunk, softcap)
+        p = jnp.exp(logits - lse[:, None])
+        onehot = (rows[None, :] == t[:, None]).astype(jnp.float32)
+        dlogits = scale[:, None] * (p - onehot)
+        if softcap is not None:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
+            dlogits = dlogits * (1.0 - jnp.square(logits / softcap))
+        dlogits = jnp.where(fresh[None, :], dlogits, 0.0).astype(compute)
+        dh = dh + jnp.einsum("TV,VD->TD", dlogits, e_c.astype(compute), preferred_element_type=jnp.float32)
+        de_c = jnp.einsum("TV,TD->VD", dlogits, h.astype(compute), preferred_element_type=jnp.float32)
+        # overlap rows of the last chunk get + 0 on what chunk i - 1 wrote
+        old = jax.lax.dynamic_slice_in_dim(de, start, chunk, axis=0)
+        de = jax.lax.dynamic_update_slice_in_dim(de, (old.astype(jnp.float32) + de_c).astype(de.dtype), start, 0)
+        return dh, de
+
+    dh, de = jax.lax.fori_loop(0, n_chunks, body, (jnp.zeros(h.shape, jnp.float32), jnp.zeros_like(e)))
+    dw = (g * ce).astype(w.dtype)
+    return dh.astype(h.dtype), de, None, dw
+
+
+_chunked_ce.defvjp(_fwd, _bwd)
+
+
+def _check(hidden, embedding, targets, weights, chunk_size, softcap):
+    """Validates and flattens: -> hidden [T, D], embedding [V, D], targets int32 [T], weights f32 [T]."""
+    for name, x in (("hidden", hidden), ("embedding", embedding), ("targets", targets), ("weights", weights)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if embedding.ndim != 2:
+        raise ValueError(f"embedding must be the [V, D] table, got shape {tuple(embedding.shape)}")
+    if hidden.ndim < 1 or hidden.shape[-1] != embedding.shape[1]:
+        raise ValueError(f"hidden must be [..., D] with D = {embedding.shape[1]} (the table's width), "
+                         f"got shape {tuple(hidden.shape)}")
+    if not jnp.issubdtype(hidden.dtype, jnp.floating) or not jnp.issubdtype(embedding.dtype, jnp.floating):
+        raise TypeError(f"hidden and embedding must be float, got {hidden.dtype} and {embedding.dtype}")
+    lead = tuple(hidden.shape[:-1])
+    if tuple(targets.shape) != lead or tuple(weights.shape) != lead:
+        raise ValueError(f"targets and weights must have hidden's leading shape {lead}, got "
+                         f"{tuple(targets.shape)} and {tuple(weights.shape)}")
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise TypeError(f"targets must be integer ids, got dtype {targets.dtype}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive number of vocabulary rows, got {chunk_size}")
+    if softcap is not None and not float(softcap) > 0:
+        raise ValueError(f"softcap must be a positive float or None, got {softcap}")
+    value = _concrete(targets), _concrete(weights)
+    if value[0] is not None and value[1] is not None:
+        used = value[0][value[1] != 0]
+        if used.size and (used.min() < 0 or used.max() >= embedding.shape[0]):
+            bad = used.min() if used.min() < 0 else used.max()
+            raise ValueError(f"target id {int(bad)} at a position with nonzero weight is outside the "
+                             f"vocabulary [0, {embedding.shape[0]}); give such positions weight 0")
+    t = hidden.reshape(-1, hidden.shape[-1]) if hidden.ndim != 2 else hidden
+    return (t, embedding, jnp.asarray(targets).reshape(-1).astype(jnp.int32),
+            jnp.asarray(weights).reshape(-1).astype(jnp.float32))
+
+
+def _concrete(x) -> np.ndarray | None:
+    """The value of x as numpy, or None when x is abstract (inside a trace)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
