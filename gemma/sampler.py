@@ -380,7 +380,8 @@ class Sampler:
         params = SamplingParams(temperature, top_k, top_p)
         row, pixels = self.prepare(prompt, images, pan_and_scan=pan_and_scan)
         self._check_room([len(row)], max_new_tokens)
-        cache = self.new_cache(1, min(self.max_len, _bucket(len(row), self.prefill_chunk) + max_new_tokens))
+        steps = _bucket(max_new_tokens, 1 << 30)  # bucketed like the prompt: fewer cache shapes to compile
+        cache = self.new_cache(1, min(self.max_len, _bucket(len(row), self.prefill_chunk) + steps))
         logits, cache = self.prefill([row], cache, pixels)
         yield from self.stream_from(logits, cache, max_new_tokens, params, seed, stop)
 
