@@ -4,8 +4,13 @@ Every parameter carries the logical names of its axes (nnx metadata `logical_axe
 modules that own them: kernels.dense.Einsum, the embedder, the norms, LoRA). `RULES` maps each
 name to mesh axes; a dimension is split only where the mesh axes divide it, so the single KV head
 of the 270M and 1B stays whole under tensor parallelism (its projection is split over fsdp on
-the model width instead) while the 4B+'s 4-16 KV heads split over tensor. Multi-host runs use the
-same code: the mesh spans jax.devices() of every process after jax.distributed.initialize.
+the model width instead) while the 4B+'s 4-16 KV heads split over tensor. A matrix the rules leave
+unsplit over fsdp (LoRA factors, or a model width fsdp does not divide) then takes fsdp on its largest
+dimension fsdp divides, so on a pod every matrix and its optimizer moments are split over fsdp; only
+vectors (norm scales) stay whole (benchmarks/lower_train_step.py: per-device bytes of parameters + AdamW
+state within 1.04x of total / 256 for 4B-27B on fsdp=64 x tensor=4). Multi-host runs use the same code:
+the mesh spans jax.devices() of every process after jax.distributed.initialize
+(tests/test_train_sharding.py runs 2 processes x 4 CPU devices).
 """
 
 from __future__ import annotations
@@ -77,16 +82,28 @@ def make_mesh(sizes: dict[str, int] | str | None = None, devices=None) -> Mesh:
 
 def partition_spec(logical_axes, shape, mesh_shape: dict[str, int]) -> PartitionSpec:
     """PartitionSpec of an array whose axes have these logical names: each dimension takes its rule's mesh
-    axes when they are unused so far and their product divides it; otherwise it stays whole."""
+    axes when they are unused so far and their product divides it; otherwise it stays whole.
+
+    Then, for arrays of 2+ dimensions that the rules left unsplit over fsdp, fsdp goes to their largest
+    dimension it divides (after that dimension's tensor split, if any): the LoRA b matrices ([r, heads,
+    head_dim], [r, mlp]), whose named dimensions are all taken by tensor or unsplit, and any weight whose
+    model width fsdp does not divide (d_model 640 on fsdp=256), so that no matrix or its optimizer moments
+    stay whole on every fsdp device. Vectors (norm scales) stay as the rules leave them."""
     used, spec = set(), []
     for name, dim in zip(logical_axes, shape):
         axes = tuple(a for a in RULES.get(name, ()) if mesh_shape.get(a, 1) > 1 and a not in used)
         if axes and dim % math.prod(mesh_shape[a] for a in axes) == 0:
             used.update(axes)
-            spec.append(axes[0] if len(axes) == 1 else axes)
+            spec.append(axes)
         else:
-            spec.append(None)
-    return PartitionSpec(*spec)
+            spec.append(())
+    fsdp = mesh_shape.get("fsdp", 1)
+    if len(shape) >= 2 and fsdp > 1 and "fsdp" not in used:
+        fits = [i for i, dim in enumerate(shape) if dim % (fsdp * math.prod(mesh_shape[a] for a in spec[i])) == 0]
+        if fits:
+            i = max(fits, key=lambda i: shape[i] // math.prod(mesh_shape[a] for a in spec[i]))
+            spec[i] = spec[i] + ("fsdp",)
+    return PartitionSpec(*(None if not axes else axes[0] if len(axes) == 1 else axes for axes in spec))
 
 
 def _mesh_shape(mesh) -> dict[str, int]:

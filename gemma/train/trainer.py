@@ -127,6 +127,72 @@ def _eval_step(graphdef, compute_dtype, chunk, trainable, frozen, batch):
     return loss_sums(graphdef, trainable, frozen, batch, compute_dtype, None, chunk)
 
 
+def _trainable_type(config: TrainConfig):
+    return nnx.LoRAParam if config.lora else nnx.Param
+
+
+def _shardings(optimizer, trainable, frozen, mesh):
+    """NamedShardings of the trainable and frozen states (by sharding.RULES) and of the optimizer state
+    (each moment as its parameter; counts replicated). The states may be abstract (ShapeDtypeStructs)."""
+    trainable_shardings = sharding.state_shardings(trainable, mesh)
+    frozen_shardings = sharding.state_shardings(frozen, mesh)
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, trainable),
+                                          trainable_shardings,
+                                          transform_non_params=lambda _: sharding.replicated(mesh),
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return trainable_shardings, frozen_shardings, opt_shardings
+
+
+def _micro_sharding(mesh):
+    """Micro-batches stacked [k, B, L]: rows split over data x fsdp."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *sharding.batch_sharding(mesh).spec))
+
+
+def _jit_step(graphdef, optimizer, config: TrainConfig, mesh, trainable_shardings, frozen_shardings, opt_shardings):
+    """The jitted _train_step: (trainable, frozen, opt_state, batches [k, B, L]) -> (trainable, opt_state,
+    metrics), trainable and optimizer state donated."""
+    return jax.jit(
+        functools.partial(_train_step, graphdef, optimizer, config.compute_dtype, config.remat, config.loss_chunk),
+        in_shardings=(trainable_shardings, frozen_shardings, opt_shardings, _micro_sharding(mesh)),
+        out_shardings=(trainable_shardings, opt_shardings, None), donate_argnums=(0, 2))
+
+
+def abstract_step(model_config, config: TrainConfig, mesh, *, param_dtype=jnp.float32):
+    """The Trainer's jitted step for `model_config` on `mesh` and its abstract inputs; nothing is allocated.
+
+        step, args = abstract_step(gemma3_27b().text_only(), TrainConfig(lora_rank=8), mesh)
+        with jax.sharding.use_abstract_mesh(mesh):
+            step.trace(*args).lower(lowering_platforms=("tpu",))
+
+    `mesh` may be a jax.sharding.AbstractMesh with the axes of sharding.MESH_AXES (a TPU pod seen from a
+    CPU). `args` = (trainable, frozen, opt_state, batches): nnx.States and a data.Batch of
+    jax.ShapeDtypeStructs carrying the shardings the Trainer would give them (parameters from
+    nnx.eval_shape of the model in `param_dtype`, LoRA applied as the Trainer applies it; batches
+    [grad_accum, batch_size, seq_len]), so sharding.bytes_per_device(args[:3]) is what one device holds
+    of parameters and optimizer state."""
+    from gemma.train.data import Batch
+
+    model = nnx.eval_shape(lambda: Transformer(model_config, dtype=param_dtype, rngs=nnx.Rngs(config.seed)))
+    if config.lora:  # a second eval_shape: inside the first, each rngs draw cost flax 0.12 a walk of the
+        # whole trace so far (13 s instead of 1.3 for the 4B's 238 adapters)
+        model = nnx.eval_shape(lambda m: lora.apply(m, config.lora_rank, config.lora_alpha, config.lora_targets,
+                                                    seed=config.seed), model)
+    graphdef, trainable, frozen = nnx.split(model, _trainable_type(config), ...)
+    optimizer = config.optimizer()
+    shardings = _shardings(optimizer, trainable, frozen, mesh)
+    opt_state = jax.eval_shape(optimizer.init, trainable)
+
+    def place(tree, tree_shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, tree_shardings)
+
+    shape, micro = (config.grad_accum, config.batch_size, config.seq_len), _micro_sharding(mesh)
+    batches = Batch(*(jax.ShapeDtypeStruct(shape, dtype, sharding=micro)
+                      for dtype in (jnp.int32, jnp.int32, jnp.float32, jnp.int32, jnp.int32)))
+    step = _jit_step(graphdef, optimizer, config, mesh, *shardings)
+    return step, (place(trainable, shardings[0]), place(frozen, shardings[1]), place(opt_state, shardings[2]),
+                  batches)
+
+
 class Trainer:
     """Holds the split model (trainable / frozen parameter states), the optimizer state and the jitted step.
 
@@ -139,38 +205,25 @@ class Trainer:
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
         if config.lora:
             lora.apply(model, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed)
-            trainable_type = nnx.LoRAParam
-        else:
-            trainable_type = nnx.Param
         self.model_config = model.config
-        self.graphdef, trainable, frozen = nnx.split(model, trainable_type, ...)
-        self.trainable_shardings = sharding.state_shardings(trainable, self.mesh)
-        self.frozen_shardings = sharding.state_shardings(frozen, self.mesh)
+        self.graphdef, trainable, frozen = nnx.split(model, _trainable_type(config), ...)
+        self.optimizer = config.optimizer()
+        self.trainable_shardings, self.frozen_shardings, self.opt_shardings = _shardings(
+            self.optimizer, trainable, frozen, self.mesh)
         self.trainable = sharding.put(trainable, self.trainable_shardings)
         self.frozen = sharding.put(frozen, self.frozen_shardings)
-        self.optimizer = config.optimizer()
-        self.opt_shardings = optax.tree_map_params(self.optimizer, lambda _, s: s,
-                                                   jax.eval_shape(self.optimizer.init, self.trainable),
-                                                   self.trainable_shardings,
-                                                   transform_non_params=lambda _: sharding.replicated(self.mesh),
-                                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
         self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(self.trainable)
         self.step_count = 0
         self._batch = sharding.batch_sharding(self.mesh)
-        micro = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, *self._batch.spec))
-        self._step = jax.jit(
-            functools.partial(_train_step, self.graphdef, self.optimizer, config.compute_dtype, config.remat,
-                              config.loss_chunk),
-            in_shardings=(self.trainable_shardings, self.frozen_shardings, self.opt_shardings, micro),
-            out_shardings=(self.trainable_shardings, self.opt_shardings, None), donate_argnums=(0, 2))
+        self._step = _jit_step(self.graphdef, self.optimizer, config, self.mesh, self.trainable_shardings,
+                               self.frozen_shardings, self.opt_shardings)
         self._eval = jax.jit(functools.partial(_eval_step, self.graphdef, config.compute_dtype, config.loss_chunk),
                              in_shardings=(self.trainable_shardings, self.frozen_shardings, self._batch))
 
     # ----------------------------------------------------------------------------------- steps
     def _global(self, batch, stacked: bool):
         """Process-local rows (numpy) -> global arrays split over the batch axes."""
-        spec = self._batch.spec if not stacked else jax.sharding.PartitionSpec(None, *self._batch.spec)
-        named = jax.sharding.NamedSharding(self.mesh, spec)
+        named = _micro_sharding(self.mesh) if stacked else self._batch
         return type(batch)(*(jax.make_array_from_process_local_data(named, np.asarray(x)) for x in batch))
 
     def step(self, micro_batches: Sequence) -> dict[str, float]:
