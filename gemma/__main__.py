@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="interactive multi-turn chat (Gemma chat template)",
                           description="Chat through the Gemma 3 chat template.\n\n" + _CHAT_HELP)
     chat.add_argument("--system", default=None, help="system prompt, prepended to the first user turn")
+    from gemma.train import cli as train_cli
+
+    train_cli.add_parser(sub)
     chat.add_argument("--when-full", default="stop", choices=["stop", "drop"],
                       help="when the dialog no longer fits in --max-len: stop (say so; /reset starts over) "
                            "or drop (forget the oldest exchanges)")
@@ -188,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "finetune":
+        from gemma.train import cli as train_cli
+
+        _enable_compilation_cache()
+        return train_cli.main(args)
     problem = _check_flags(args)
     if problem:
         return _error(problem)
