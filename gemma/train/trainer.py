@@ -109,9 +109,8 @@ def _train_step(graphdef, optimizer, compute_dtype, remat, chunk, trainable, fro
     """One optimizer step over micro-batches stacked on a leading axis [k, B, L]."""
     def micro(carry, batch):
         grads, loss, count = carry
-        (l, n), g = jax.value_and_grad(
-            lambda t: (lambda s: (s[0], s[1]))(loss_sums(graphdef, t, frozen, batch, compute_dtype, remat, chunk)),
-            has_aux=True)(trainable)
+        (l, n), g = jax.value_and_grad(  # (loss sum, weight sum): the second is the aux
+            lambda t: loss_sums(graphdef, t, frozen, batch, compute_dtype, remat, chunk), has_aux=True)(trainable)
         return (jax.tree.map(jnp.add, grads, g), loss + l, count + n), None
 
     zeros = jax.tree.map(jnp.zeros_like, trainable)
