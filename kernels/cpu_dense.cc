@@ -15,19 +15,16 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <functional>
-#include <memory>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_parallel.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;  // rows of x held against one weight vector; more rows loop
 constexpr int64_t kPrefetch = 4096;  // bytes ahead of the weight stream to prefetch (best of 1-16 KB here)
 
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
@@ -42,42 +39,6 @@ inline __m512 load16(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(t
 inline __m512 load16(const uint16_t* p, int64_t n) {
   __m256i h = _mm256_maskz_loadu_epi16(tail_mask(n), p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// A job: chunks [0, n) claimed one at a time from an atomic counter by the calling thread and by
-// tasks on XLA's intra-op thread pool (no second pool competes with XLA's threads). The caller
-// waits only for chunks that someone has claimed, so a task that starts late finds nothing to do
-// and no call ever waits on a task that has not started.
-struct Job {
-  std::function<void(int64_t)> body;
-  int64_t chunks = 0;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void run() {
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      body(c);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-// Runs body(chunk) for chunk in [0, chunks) on the calling thread and up to threads - 1 pool tasks.
-template <typename F>
-void parallel_chunks(ffi::ThreadPool& pool, int64_t chunks, int64_t threads, F body) {
-  auto job = std::make_shared<Job>();
-  job->body = body;
-  job->chunks = chunks;
-  for (int64_t t = 1; t < std::min(chunks, threads); ++t) pool.Schedule([job] { job->run(); });
-  job->run();
-  while (job->done.load(std::memory_order_acquire) < chunks) _mm_pause();  // claimed chunks only
-}
-
-// Weight rows per claimed chunk: at most kChunkBytes, and at least 4 chunks per thread so that
-// small matrices split evenly; a multiple of `align`.
-constexpr int64_t kChunkBytes = 256 << 10;
-int64_t chunk_rows(int64_t rows, int64_t row_bytes, int64_t threads, int64_t align) {
-  int64_t n = std::min(kChunkBytes / std::max<int64_t>(1, row_bytes), (rows + 4 * threads - 1) / (4 * threads));
-  return std::max(align, (n + align - 1) / align * align);
 }
 
 // y[m, v] for v in [v0, v1), MM rows of x at once, R weight rows per register tile.
@@ -115,24 +76,6 @@ void minor_rows(const float* X, const W* Wt, float* Y, int64_t D, int64_t V, int
   };
   for (; v + R <= v1; v += R) tile(std::integral_constant<int, R>{});
   for (; v < v1; ++v) tile(std::integral_constant<int, 1>{});
-}
-
-// Calls f(m0, std::integral_constant<int, MM>) for the row groups [m0, m0 + MM) of M rows, MM <= kMaxRows:
-// the kernels are compiled for each row count, so every row of a group stays in registers.
-template <typename F>
-void by_row_groups(int64_t M, F f) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    switch (std::min(kMaxRows, M - m0)) {
-      case 1: f(m0, std::integral_constant<int, 1>{}); break;
-      case 2: f(m0, std::integral_constant<int, 2>{}); break;
-      case 3: f(m0, std::integral_constant<int, 3>{}); break;
-      case 4: f(m0, std::integral_constant<int, 4>{}); break;
-      case 5: f(m0, std::integral_constant<int, 5>{}); break;
-      case 6: f(m0, std::integral_constant<int, 6>{}); break;
-      case 7: f(m0, std::integral_constant<int, 7>{}); break;
-      default: f(m0, std::integral_constant<int, 8>{}); break;
-    }
-  }
 }
 
 // acc[m, v] += sum_{d in [d0, d1)} x[m, d] * w[d, v], MM rows of x at once, 8 weight rows per pass.
@@ -237,8 +180,6 @@ void dense_major(ffi::ThreadPool& pool, const float* X, const W* Wt, float* Y, i
       Y[m * V + v] = sum;
     }
 }
-
-int64_t threads_of(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }  // XLA's parallelism
 
 template <ffi::DataType T, typename W>
 ffi::Error Minor(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::ResultBuffer<ffi::F32> y) {

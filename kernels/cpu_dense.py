@@ -6,23 +6,21 @@ f32 GEMM path reads a few-row product at 7-10 GB/s; the kernels in
 cpu_dense.cc stream f32 or bf16 weights once (bf16 widened to f32 exactly),
 prefetch ahead of the stream, hold every row of x against each weight vector and
 accumulate in f32, on XLA's own intra-op thread pool. They are compiled on first
-use with the system C++ compiler into a cache directory ($GEMMA_CACHE, default
-~/.cache/gemma3-jax); without a compiler, AVX-512 or on another backend,
+use (kernels.cpu_build); without a compiler, AVX-512 or on another backend,
 `available()` is False and callers keep jnp.einsum.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import os
-import shutil
 import subprocess
 import warnings
 
 import jax
 import jax.numpy as jnp
+
+from kernels import cpu_build
 
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_dense.cc")
 # benchmarks/cpu_dense.py (chained products, weights streamed from memory as in decode), 1 / 8 rows:
@@ -32,40 +30,14 @@ SOURCE = os.path.join(os.path.dirname(__file__), "cpu_dense.cc")
 MAX_ROWS = 8
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 @functools.cache
 def available() -> bool:
     """True once the kernels are built and registered with XLA for the CPU platform."""
-    if os.environ.get("GEMMA_NO_CPU_KERNELS") or not {"avx512f", "avx512bw"} <= _cpu_flags():
+    if os.environ.get("GEMMA_NO_CPU_KERNELS") or not {"avx512f", "avx512bw"} <= cpu_build.cpu_flags():
         return False
-    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if compiler is None:
-        return False
-    with open(SOURCE, "rb") as f:
-        tag = hashlib.sha256(f.read() + jax.__version__.encode()).hexdigest()[:16]
-    cache = os.environ.get("GEMMA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gemma3-jax"))
-    lib = os.path.join(cache, f"cpu_dense-{tag}.so")
     try:
-        if not os.path.exists(lib):
-            os.makedirs(cache, exist_ok=True)
-            tmp = f"{lib}.{os.getpid()}.tmp"
-            subprocess.run([compiler, "-O3", "-march=native", "-shared", "-fPIC", "-std=c++17",
-                            "-w", f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp],
-                           check=True, capture_output=True, timeout=300)
-            os.replace(tmp, lib)
-        handle = ctypes.cdll.LoadLibrary(lib)
-        for name in (f"gemma_dense_{layout}_{w}" for layout in ("minor", "major") for w in ("f32", "bf16")):
-            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, name)), platform="cpu")
+        cpu_build.build(SOURCE, ("-march=native",),
+                        [f"gemma_dense_{layout}_{w}" for layout in ("minor", "major") for w in ("f32", "bf16")])
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         warnings.warn(f"CPU dense kernels unavailable ({e} {detail[-400:].decode(errors='replace')}); "

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels import cpu_dense
+from kernels.quantized import QArray, matmul
 
 
 def normal_init(rngs: nnx.Rngs, shape, dtype, scale: float = 0.02) -> jax.Array:
@@ -33,8 +34,11 @@ def einsum_axes(spec: str) -> tuple[str, str, str, str, str, str]:
     return lhs, rhs, out, batch, contract, rest
 
 
-def dense(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+def dense(spec: str, x: jax.Array, w: jax.Array | QArray, preferred_element_type=None) -> jax.Array:
     """jnp.einsum(spec, x, w) for an activation x and a weight w, e.g. "BTD,DNH->BTNH".
+
+    A quantized weight (kernels.quantized.QArray, stored rows x contraction) goes to
+    quantized.matmul; its result is float32, returned in x's dtype unless told otherwise.
 
     Decode-sized products (<= cpu_dense.MAX_ROWS rows) with f32 or bf16 weights on CPU go to
     kernels.cpu_dense, which streams the weights at memory speed where XLA's few-row dots do not;
@@ -42,6 +46,13 @@ def dense(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None) ->
     """
     lhs, rhs, out, batch, contract, rest = einsum_axes(spec)
     rows = math.prod(x.shape[:len(batch)])
+    if isinstance(w, QArray):
+        *rest_shape, k = w.shape
+        if math.prod(x.shape[len(batch):]) != k:
+            raise ValueError(f"dense {spec!r}: activation {x.shape} contracts {math.prod(x.shape[len(batch):])} "
+                             f"values, the quantized weight {tuple(w.shape)} holds {k}")
+        y = matmul(x.reshape(rows, k), w.flat())
+        return y.reshape(*x.shape[:len(batch)], *rest_shape).astype(preferred_element_type or x.dtype)
     layout = "major" if rhs == contract + rest else "minor" if rhs == rest + contract else None
     if layout is None or lhs != batch + contract or out != batch + rest or not cpu_dense.usable(x, w, rows):
         return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)

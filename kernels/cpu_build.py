@@ -1,0 +1,57 @@
+"""Builds and registers the CPU kernel libraries (cpu_dense.cc, cpu_quantized.cc) on first use.
+
+Each library is compiled with the system C++ compiler into a cache directory ($GEMMA_CACHE,
+default ~/.cache/gemma3-jax), named by a hash of its sources, flags and jax version, and its
+FFI handlers are registered with XLA for the CPU platform.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+
+import jax
+
+HERE = os.path.dirname(__file__)
+HEADERS = (os.path.join(HERE, "cpu_parallel.h"),)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU (/proc/cpuinfo), empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def build(source: str, flags: tuple[str, ...], symbols: list[str]) -> None:
+    """Compiles `source` with `flags` (cached) and registers `symbols` as XLA FFI targets for the CPU.
+    Raises OSError or subprocess.SubprocessError when there is no compiler or the build fails."""
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if compiler is None:
+        raise OSError("no C++ compiler (set CXX or install g++)")
+    digest = hashlib.sha256(" ".join(flags).encode() + jax.__version__.encode())
+    for path in (source, *HEADERS):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    cache = os.environ.get("GEMMA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gemma3-jax"))
+    name = os.path.splitext(os.path.basename(source))[0]
+    lib = os.path.join(cache, f"{name}-{digest.hexdigest()[:16]}.so")
+    if not os.path.exists(lib):
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{lib}.{os.getpid()}.tmp"
+        subprocess.run([compiler, "-O3", *flags, "-shared", "-fPIC", "-std=c++17", "-w", f"-I{HERE}",
+                        f"-I{jax.ffi.include_dir()}", source, "-o", tmp], check=True, capture_output=True, timeout=300)
+        os.replace(tmp, lib)
+    handle = ctypes.cdll.LoadLibrary(lib)
+    for symbol in symbols:
+        jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(handle, symbol)), platform="cpu")
