@@ -68,14 +68,57 @@ def sample_logits(logits: jax.Array, key: jax.Array, params: SamplingParams) -> 
     else:
         ids = jnp.argsort(-logits, axis=-1) if params.top_p is not None else None
         values = jnp.take_along_axis(logits, ids, axis=-1) if ids is not None else logits
-    if params.top_p is not None:  # keep the smallest prefix whose mass reaches top_p
-        probs = jax.nn.softmax(values, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        values = jnp.where(before < params.top_p, values, -jnp.inf)
+    if params.top_p is not None:
+        values = _nucleus(values, params.top_p)
     choice = jax.random.categorical(key, values, axis=-1)
     if ids is None:
         return choice.astype(jnp.int32)
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _nucleus(values: jax.Array, top_p) -> jax.Array:
+    """Sorted (descending) logits [B, K] with all but the smallest prefix whose mass reaches
+    `top_p` (a number or [B, 1]) set to -inf."""
+    probs = jax.nn.softmax(values, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    return jnp.where(before < top_p, values, -jnp.inf)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+    """Next ids [B] from f32 logits [B, V] with per-row sampling parameters (traced arrays, so one
+    compiled program serves any mix): temperature [B] (0: greedy), top_k [B] (0: off), top_p [B]
+    (1: off), one key per row [B]. A row's draw depends on its own logits and key only.
+    Sorting the vocabulary is paid only when some sampled row truncates."""
+    logits = logits[:, :VOCAB_SIZE]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled_rows = temperature > 0
+    draw = jax.vmap(lambda k, x: jax.random.categorical(k, x))
+
+    def sampled():
+        scaled = logits / jnp.where(sampled_rows, temperature, 1.0)[:, None]
+
+        def truncated():
+            ids = jnp.argsort(-scaled, axis=-1)
+            values = jnp.take_along_axis(scaled, ids, axis=-1)
+            rank = jnp.arange(values.shape[-1], dtype=jnp.int32)[None, :]
+            values = jnp.where(rank < jnp.where(top_k > 0, top_k, values.shape[-1])[:, None], values, -jnp.inf)
+            values = _nucleus(values, top_p[:, None])
+            return jnp.take_along_axis(ids, draw(keys, values)[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+        truncates = jnp.any(sampled_rows & ((top_k > 0) | (top_p < 1)))
+        return jax.lax.cond(truncates, truncated, lambda: draw(keys, scaled).astype(jnp.int32))
+
+    token = jax.lax.cond(jnp.any(sampled_rows), sampled, lambda: greedy)
+    return jnp.where(sampled_rows, token, greedy)
+
+
+def feed(model: Transformer, cache: Cache, token: jax.Array, stopped: jax.Array) -> tuple[jax.Array, Cache]:
+    """One decode step: each row's `token` [B] at its next position (rows `stopped` [B] write
+    nothing and keep their length); returns next logits [B, V] and the cache."""
+    positions = jnp.where(stopped, -1, cache.length)[:, None]
+    logits, cache = model.extend(jnp.where(stopped, 0, token)[:, None], positions, cache, last_only=True)
+    return logits[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(4,))
@@ -102,9 +145,8 @@ def _decode_loop(graphdef, state, cache, logits, key, stop_ids, params, steps, m
         token = sample_logits(logits, sub, params)
         stopped = done | jnp.isin(token, stop_ids)
         out = out.at[:, step].set(jnp.where(stopped, -1, token))
-        positions = jnp.where(stopped, -1, cache.length)[:, None]
-        logits, cache = model.extend(jnp.where(stopped, 0, token)[:, None], positions, cache, last_only=True)
-        return step + 1, cache, logits[:, 0], key, stopped, out
+        logits, cache = feed(model, cache, token, stopped)
+        return step + 1, cache, logits, key, stopped, out
 
     init = (jnp.int32(0), cache, logits, key, done, out)
     _, cache, logits, _, done, out = jax.lax.while_loop(cond, body, init)
@@ -114,6 +156,12 @@ def _decode_loop(graphdef, state, cache, logits, key, stop_ids, params, steps, m
 def first_stop(text: str, stop: Sequence[str]) -> int:
     """Index in `text` of the earliest occurrence of any stop string, or -1."""
     return min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+
+
+def ids_before(tokenizer: Tokenizer, ids: list[int], text: str) -> list[int]:
+    """The shortest prefix of `ids` whose text starts with `text` (the ids kept before a stop string)."""
+    n = next(n for n in range(len(ids) + 1) if tokenizer.decode(ids[:n]).startswith(text))
+    return ids[:n]
 
 
 def check_max_len(max_len: int | None, context: int) -> int:
@@ -291,6 +339,15 @@ class Sampler:
         `images` (all images of all rows, in order) the rows go in one chunk, so
         no image block is ever split between chunks.
         """
+        for logits, cache in self.prefill_chunks(rows, cache, images):
+            pass
+        return logits, cache
+
+    def prefill_chunks(self, rows: Sequence[Sequence[int]], cache: Cache,
+                       images: np.ndarray | None = None) -> Iterator[tuple[jax.Array, Cache]]:
+        """`prefill`, one chunk at a time: yields (last logits [B, V], cache) after each chunk (the
+        logits are the prompt's only after the last). Each cache yielded before the last is donated
+        to the next chunk; a caller may run other work between chunks (the serving engine decodes)."""
         lengths = np.asarray([len(r) for r in rows])
         width = _bucket(int(lengths.max()), self.prefill_chunk)
         tokens = np.zeros((len(rows), width), np.int32)
@@ -301,14 +358,13 @@ class Sampler:
         start = np.asarray(cache.length)[:, None]
         fresh = not start.any()  # the first chunk then attends over itself only
         positions = np.where(offsets >= 0, start + offsets, -1).astype(np.int32)
-        logits = None
         chunk = width if images is not None else min(width, self.prefill_chunk)
         for c in range(0, width, chunk):
             sl = slice(c, c + chunk)
             logits, cache = _extend(self._graphdef, self._state, jnp.asarray(tokens[:, sl]),
                                     jnp.asarray(positions[:, sl]), cache,
                                     None if images is None else jnp.asarray(images), c == 0 and fresh)
-        return logits, cache
+            yield logits, cache
 
     def _check_room(self, prompt_lengths: Sequence[int], max_new_tokens: int, used: int = 0) -> None:
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -327,8 +383,7 @@ class Sampler:
         if cut < 0:
             return ids, text
         text = text[:cut]
-        n = next(n for n in range(len(ids) + 1) if self.tokenizer.decode(ids[:n]).startswith(text))
-        return ids[:n], text
+        return ids_before(self.tokenizer, ids, text), text
 
     # ------------------------------------------------------------------ public
     def generate(self, prompt_or_prompts: str | Sequence[str], max_new_tokens: int = 64,
