@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     from gemma.train import cli as train_cli
 
     train_cli.add_parser(sub)
+    from gemma.serve import cli as serve_cli
+
+    serve_cli.add_parser(sub)
     chat.add_argument("--when-full", default="stop", choices=["stop", "drop"],
                       help="when the dialog no longer fits in --max-len: stop (say so; /reset starts over) "
                            "or drop (forget the oldest exchanges)")
@@ -196,6 +199,11 @@ def _main(argv: list[str] | None) -> int:
 
         _enable_compilation_cache()
         return train_cli.main(args)
+    if args.command == "serve":
+        from gemma.serve import cli as serve_cli
+
+        _enable_compilation_cache()
+        return serve_cli.main(args)
     problem = _check_flags(args)
     if problem:
         return _error(problem)

@@ -45,6 +45,21 @@ def format_turn(message: str, *, first: bool, system: str | None = None) -> str:
     return f"{opening}<start_of_turn>user\n{message}<end_of_turn>\n<start_of_turn>model\n"
 
 
+def format_dialog(turns: Sequence[tuple[str, str]], system: str | None = None) -> str:
+    """Text (without <bos>) of a dialog of (role, text) turns, USER and MODEL alternating from a USER
+    turn and ending with one, laid out as ChatSampler feeds it, ready for the model's reply."""
+    if not turns or turns[-1][0] != USER:
+        raise ValueError("a dialog must end with a user turn (the model replies to it)")
+    text, expected = "", USER
+    for i, (role, message) in enumerate(turns):
+        if role != expected:
+            raise ValueError(f"turn {i} is from {role!r} but {expected!r} was expected: user and model turns "
+                             f"alternate, starting with the user's")
+        text += format_turn(message, first=i == 0, system=system) if role == USER else message
+        expected = MODEL if role == USER else USER
+    return text
+
+
 @dataclasses.dataclass
 class _Turn:
     """One exchange as fed to the cache: the user turn's ids (and pixels) and the reply's ids."""
