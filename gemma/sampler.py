@@ -93,7 +93,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
     logits = logits[:, :VOCAB_SIZE]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampled_rows = temperature > 0
-    draw = jax.vmap(lambda k, x: jax.random.categorical(k, x))
+    draw = _inverse_cdf
 
     def sampled():
         scaled = logits / jnp.where(sampled_rows, temperature, 1.0)[:, None]
@@ -111,6 +111,26 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
 
     token = jax.lax.cond(jnp.any(sampled_rows), sampled, lambda: greedy)
     return jnp.where(sampled_rows, token, greedy)
+
+
+def _inverse_cdf(keys: jax.Array, values: jax.Array) -> jax.Array:
+    """One draw per row from softmax(values) [B, K], by one uniform per row against the running sum
+    (not V Gumbel draws per row: generating those dominates a batched CPU step at 262k tokens)."""
+    u = 1.0 - jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(keys)  # in (0, 1]
+    return categorical_from_uniform(u, values)
+
+
+def categorical_from_uniform(u: jax.Array, values: jax.Array) -> jax.Array:
+    """The first id with positive probability whose running sum reaches u * the total, per row: u [B]
+    in (0, 1], values [B, K] logits (-inf: excluded). XLA's CPU/GPU cumsum is a parallel scan, so the
+    running sum can step at zero-probability ids and dip by an ulp: only ids with p > 0 count, and the
+    total is the largest of their sums, so some id always qualifies and excluded ids never do."""
+    p = jax.nn.softmax(values.astype(jnp.float32), axis=-1)
+    cdf = jnp.cumsum(p, axis=-1)
+    positive = p > 0
+    total = jnp.max(jnp.where(positive, cdf, 0.0), axis=-1)
+    hit = positive & (cdf >= (u * total)[:, None])
+    return jnp.argmax(hit, axis=-1).astype(jnp.int32)
 
 
 def feed(model: Transformer, cache: Cache, token: jax.Array, stopped: jax.Array) -> tuple[jax.Array, Cache]:

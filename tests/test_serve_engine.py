@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from gemma import config as C
-from gemma.sampler import Sampler, sample_rows
+from gemma.sampler import Sampler, categorical_from_uniform, sample_rows
 from gemma.serve import Engine, Request, StaleWeights
 from gemma.serve import engine as engine_module
 from gemma.transformer import Transformer
@@ -217,6 +217,55 @@ def test_sample_rows_per_row_parameters():
         jax.random.split(jax.random.key(1), 2000)))
     np.testing.assert_allclose(np.bincount(plain.ravel(), minlength=4)[:4] / plain.size, [0.5, 0.3, 0.15, 0.05],
                                atol=0.03)
+
+
+def test_inverse_cdf_is_the_categorical_of_the_filtered_distribution():
+    """Evenly spaced u in (0, 1] pick each id in proportion to its probability (the draw's map from u is
+    exact), and no u, 1.0 and the running sums at excluded ids included, picks an excluded id."""
+    values = jnp.asarray([[1.0, -jnp.inf, 0.2, -jnp.inf, -jnp.inf, 2.0, 0.5, -jnp.inf]])
+    want = np.where(np.isfinite(values[0]), np.exp(values[0] - values[0].max()), 0.0)
+    want /= want.sum()
+    u = (np.arange(100_000) + 1.0) / 100_000
+    picks = np.asarray(jax.jit(jax.vmap(lambda x: categorical_from_uniform(x[None], values)[0]))(u))
+    np.testing.assert_allclose(np.bincount(picks, minlength=8) / u.size, want, atol=2e-5)
+
+    rng = np.random.default_rng(0)  # the real vocabulary: the scan's sums move at some -inf ids
+    x = np.where(rng.random((4, C.VOCAB_SIZE)) < 0.5, -np.inf, 3 * rng.normal(size=(4, C.VOCAB_SIZE)))
+    x[:, -1000:] = -np.inf  # trailing excluded ids, as after sorting and truncating
+    x = jnp.asarray(x, jnp.float32)
+    prob = np.asarray(jax.nn.softmax(x, axis=-1))
+    cdf = np.asarray(jax.jit(lambda v: jnp.cumsum(jax.nn.softmax(v, axis=-1), axis=-1))(x))
+    draw = jax.jit(categorical_from_uniform)
+    for row in range(4):
+        positive = prob[row] > 0
+        total = cdf[row][positive].max()
+        moved = np.flatnonzero(~positive[1:] & (np.diff(cdf[row]) != 0)) + 1  # sums that step at excluded ids
+        assert moved.size, "the scan's sums no longer move at excluded ids: pick another case"
+        edges = (cdf[row][moved[:: max(1, moved.size // 60)]] / total).astype(np.float32)
+        u = np.concatenate([edges, np.nextafter(edges, np.float32(0)), [1.0, 2.0 ** -23]]).clip(2.0 ** -23, 1.0)
+        picks = np.concatenate([np.asarray(draw(jnp.asarray(u[i:i + 32], jnp.float32),
+                                                jnp.broadcast_to(x[row], (len(u[i:i + 32]), x.shape[1]))))
+                                for i in range(0, u.size, 32)])
+        assert positive[picks].all(), "an id of probability 0 was drawn"
+
+
+def test_sample_rows_matches_exact_probabilities():
+    """Temperature, top-k and top-p together: 20000 draws within 5 sigma of the exact probabilities."""
+    logits = jnp.asarray([[2.0, 1.5, 1.0, 0.2, -0.5, -1.0, 0.0, 0.1]])
+    t, k, p = 0.7, 5, 0.9
+    z = np.exp(np.asarray(logits[0], np.float64) / t)
+    order = np.argsort(-z)
+    probs = z[order[:k]] / z[order[:k]].sum()  # top-p applies to the top-k's renormalized mass
+    keep = order[:k][(np.cumsum(probs) - probs) < p]
+    want = np.zeros(8)
+    want[keep] = z[keep] / z[keep].sum()
+    n = 20_000
+    draws = np.asarray(jax.jit(jax.vmap(lambda key: sample_rows(logits, key[None], jnp.asarray([t]),
+                                                                 jnp.asarray([k]), jnp.asarray([p]))[0]))(
+        jax.random.split(jax.random.key(3), n)))
+    freq = np.bincount(draws, minlength=8) / n
+    assert set(np.flatnonzero(freq)) <= set(keep.tolist())
+    assert np.all(np.abs(freq - want) <= 5 * np.sqrt(want * (1 - want) / n) + 1e-9), (freq, want)
 
 
 def test_close_ends_unfinished_requests(tiny, tokenizer_270m):
