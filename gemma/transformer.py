@@ -83,6 +83,33 @@ REMAT_POLICIES = {  # what a rematerialised block keeps from its forward for the
 }
 
 
+def recomputed_in_backward(block: Block, x, positions, k_start, k_end, lookahead: int = 0):
+    """block(x, ...) keeping only its inputs for the backward, which recomputes the block once the
+    output's cotangent exists: the recompute's input takes a data dependence on the cotangent (0 * one
+    of its entries; XLA does not fold 0 * x for floats). jax.checkpoint's optimization barrier does not
+    order it so on XLA CPU, whose scheduler then runs every layer's recompute early and keeps them all."""
+    graphdef, state = nnx.split(block)
+
+    def run(state, x, positions, k_start, k_end):
+        return nnx.merge(graphdef, state)(x, positions, k_start, k_end, lookahead)
+
+    @jax.custom_vjp
+    def f(state, x, positions, k_start, k_end):
+        return run(state, x, positions, k_start, k_end)
+
+    def fwd(*args):
+        return run(*args), args
+
+    def bwd(args, g):
+        state, x, *ints = args
+        x = x + 0 * g.reshape(-1)[0].astype(x.dtype)
+        d_state, dx = jax.vjp(lambda s, h: run(s, h, *ints), state, x)[1](g)
+        return d_state, dx, None, None, None
+
+    f.defvjp(fwd, bwd)
+    return f(state, x, positions, k_start, k_end)
+
+
 def image_block_end(is_soft: jax.Array) -> jax.Array:
     """int [B, T]: for a soft token, the index of the last soft token of its contiguous block; else -1."""
     t = jnp.arange(is_soft.shape[1], dtype=jnp.int32)
@@ -151,7 +178,8 @@ class Transformer(nnx.Module):
         if remat is not None:
             if remat not in REMAT_POLICIES:
                 raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)} or None")
-            call = nnx.remat(Block.__call__, policy=REMAT_POLICIES[remat], static_argnums=(5,))
+            call = (recomputed_in_backward if remat == "full" else
+                    nnx.remat(Block.__call__, policy=REMAT_POLICIES[remat], static_argnums=(5,)))
         for block in self.layers:
             x = call(block, x, positions, *intervals[block.sliding_window], lookahead)
         if last_only:

@@ -88,6 +88,24 @@ def test_packed_rows_equal_separate_forwards_and_remat_keeps_gradients():
             np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+
+def test_full_remat_keeps_only_block_inputs_in_the_compiled_step():
+    """remat="full" must lower the compiled backward's temporaries on this backend (XLA CPU scheduled
+    jax.checkpoint's recomputes early, so every layer's activations stayed alive at once)."""
+    cfg = config.tiny(num_layers=12, layer_types=None, d_model=128, hidden_dim=1024)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    tokens = jax.ShapeDtypeStruct((4, 256), jnp.int32)
+
+    def temp(remat):
+        def loss(state, tokens):
+            m = nnx.merge(graphdef, state)
+            return m.forward(tokens, jnp.broadcast_to(jnp.arange(256), (4, 256)), None, return_hidden=True,
+                             segment_ids=jnp.ones((4, 256), jnp.int32), remat=remat).sum()
+        return jax.jit(jax.grad(loss)).trace(state, tokens).lower().compile().memory_analysis().temp_size_in_bytes
+    plain, full = temp(None), temp("full")
+    assert full < 0.4 * plain, (full, plain)
+
 def _batches(n, rows=4, seq=32):
     rng = np.random.default_rng(0)
     ex = [data.Example(rng.integers(3, TINY.vocab_size, k).astype(np.int32), np.r_[False, rng.random(k - 1) < 0.7])
