@@ -6,12 +6,15 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
 import checkpoints
 from gemma import config
 from gemma.__main__ import main
+from gemma.train import export
 from gemma.transformer import Transformer
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "model", "content": "Hello"}]}
@@ -86,6 +89,10 @@ def test_end_to_end_then_refuses_another_run_in_the_same_dir(tmp_path, tiny_dir,
     model = checkpoints.load(out)
     assert model.config == checkpoints.load(tiny_dir).config
     assert checkpoints.load_tokenizer(out).encode("Hi") == checkpoints.load_tokenizer(tiny_dir).encode("Hi")
+    adapted = export.load_peft(checkpoints.load(tiny_dir), out / "adapter")  # the PEFT copy of the adapters
+    tokens = jnp.asarray([[2, 10, 20, 30, 40]])
+    assert float(jnp.abs(adapted(tokens) - checkpoints.load(tiny_dir)(tokens)).max()) > 0  # trained: b != 0
+    np.testing.assert_allclose(adapted(tokens), model(tokens), rtol=0, atol=1e-5)  # base + adapters == merged
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     _fails(monkeypatch, capsys, argv[1:-4] + ["--lora-rank", "4"], r"holds another run")
     _fails(monkeypatch, capsys, [a if a != tiny_dir else "gemma3-270m" for a in argv[1:]], r"holds another run")

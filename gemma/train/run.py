@@ -6,7 +6,8 @@
 DIR/run.json names what the run is (model, LoRA settings, data, batch); DIR/checkpoints/<step> holds
 the trainable parameters (the adapters only under LoRA), the optimizer state, the step, the data
 iterator's position and the RNG, written asynchronously (orbax) every `save_every` steps and at the
-end, the last `keep` kept; DIR/best holds the parameters of the lowest eval loss. A rerun with DIR
+end, the last `keep` kept; DIR/best holds the parameters of the lowest eval loss; a LoRA run's adapters
+are also written in PEFT's layout to DIR/adapter (gemma.train.export.save_peft). A rerun with DIR
 holding a checkpoint restores the newest complete one (onto any mesh) and continues, so its
 parameters are bitwise those of an uninterrupted run; metrics.jsonl keeps each step once.
 """
@@ -133,7 +134,8 @@ def finetune(model, tokenizer, data_path: str, output: str, *, config: TrainConf
     `config.grad_accum` batches each (or, with `epochs`, as many steps as that many passes over the data
     take). `log(str)` receives the data counts. With `eval_path`, the eval loss is measured at step 0, every
     `eval_every` steps and at the end. At the end the merged model and tokenizer are written to
-    `output` itself (checkpoints.save), so `checkpoints.load(output)` gives the fine-tuned model.
+    `output` itself (checkpoints.save), so `checkpoints.load(output)` gives the fine-tuned model; under
+    LoRA the adapters also go to `output`/adapter in PEFT's layout.
     """
     for name, value in (("save_every", save_every), ("eval_every", eval_every)):
         if value is not None and (not isinstance(value, int) or value < 1):
@@ -223,6 +225,10 @@ def finetune(model, tokenizer, data_path: str, output: str, *, config: TrainConf
     manager.close()
     best.close()
     metrics.close()
+    if primary and config.lora:
+        from gemma.train import export
+
+        export.save_peft(trainer.model(), os.path.join(output, "adapter"), base_model=model_source or None)
     result = trainer.merged_model()
     if primary:
         import checkpoints
