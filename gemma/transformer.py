@@ -78,33 +78,42 @@ def segment_intervals(segment_ids: jax.Array, window: int | None) -> tuple[jax.A
 
 
 REMAT_POLICIES = {  # what a rematerialised block keeps from its forward for the backward
-    "full": None,  # nothing: every block is recomputed
+    "full": jax.checkpoint_policies.nothing_saveable,  # nothing: every block is recomputed
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the projections' outputs
 }
 
 
-def recomputed_in_backward(block: Block, x, positions, k_start, k_end, lookahead: int = 0):
-    """block(x, ...) keeping only its inputs for the backward, which recomputes the block once the
-    output's cotangent exists: the recompute's input takes a data dependence on the cotangent (0 * one
-    of its entries; XLA does not fold 0 * x for floats). jax.checkpoint's optimization barrier does not
-    order it so on XLA CPU, whose scheduler then runs every layer's recompute early and keeps them all."""
+def rematerialized(block: Block, x, positions, k_start, k_end, lookahead: int = 0, *, policy: str):
+    """block(x, ...) keeping for the backward only what REMAT_POLICIES[policy] saves, and recomputing
+    the rest once the block's output cotangent exists: what the backward recomputes from (the block's
+    input, saved values; not its weights) takes a data dependence on the cotangent (0 * one of its
+    entries, which XLA does not fold for floats). jax.checkpoint alone does not order the recompute on
+    XLA CPU: its optimization barrier is expanded before scheduling, every layer's recompute ran early,
+    and the step held all of their activations at once."""
     graphdef, state = nnx.split(block)
 
     def run(state, x, positions, k_start, k_end):
         return nnx.merge(graphdef, state)(x, positions, k_start, k_end, lookahead)
 
+    saving = jax.checkpoint(run, policy=REMAT_POLICIES[policy])
+    weights = []  # per residual leaf: is it one of the block's weights (set while tracing fwd, read in bwd)
+
     @jax.custom_vjp
     def f(state, x, positions, k_start, k_end):
         return run(state, x, positions, k_start, k_end)
 
-    def fwd(*args):
-        return run(*args), args
+    def fwd(state, x, *ints):
+        out, vjp = jax.vjp(lambda s, h: saving(s, h, *ints), state, x)
+        params = jax.tree.leaves(state)
+        weights[:] = [any(r is p for p in params) for r in jax.tree.leaves(vjp)]
+        return out, vjp
 
-    def bwd(args, g):
-        state, x, *ints = args
-        x = x + 0 * g.reshape(-1)[0].astype(x.dtype)
-        d_state, dx = jax.vjp(lambda s, h: run(s, h, *ints), state, x)[1](g)
-        return d_state, dx, None, None, None
+    def bwd(vjp, g):
+        dep = 0 * g.reshape(-1)[0]
+        leaves, tree = jax.tree.flatten(vjp)
+        leaves = [r if w or not jnp.issubdtype(r.dtype, jnp.floating) else r + dep.astype(r.dtype)
+                  for r, w in zip(leaves, weights)]
+        return *jax.tree.unflatten(tree, leaves)(g), None, None, None
 
     f.defvjp(fwd, bwd)
     return f(state, x, positions, k_start, k_end)
@@ -178,8 +187,7 @@ class Transformer(nnx.Module):
         if remat is not None:
             if remat not in REMAT_POLICIES:
                 raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)} or None")
-            call = (recomputed_in_backward if remat == "full" else
-                    nnx.remat(Block.__call__, policy=REMAT_POLICIES[remat], static_argnums=(5,)))
+            call = functools.partial(rematerialized, policy=remat)
         for block in self.layers:
             x = call(block, x, positions, *intervals[block.sliding_window], lookahead)
         if last_only:
