@@ -83,14 +83,15 @@ class Attention(nnx.Module):
         k_start = positions - window + 1 if window is not None else jnp.zeros_like(positions)
         new_cache = cache.write(k, v, positions)
         if x.shape[1] == 1:
-            keys, values = new_cache.k, new_cache.v
+            keys, values = new_cache.read()
             k_pos = new_cache.slot_positions(length + valid.sum(axis=1, dtype=jnp.int32))
         else:  # the chunk's own keys (rounded to the cache's dtype), after the cache's slots unless it is empty
-            keys, values = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+            keys, values = cache.rounded(k, v)
             k_pos = jnp.where(valid, positions, EMPTY)
             if not fresh:
-                keys = jnp.concatenate([cache.k, keys], axis=1)
-                values = jnp.concatenate([cache.v, values], axis=1)
+                old_k, old_v = cache.read()
+                keys = jnp.concatenate([old_k, keys], axis=1)
+                values = jnp.concatenate([old_v, values], axis=1)
                 k_pos = jnp.concatenate([cache.slot_positions(length), k_pos], axis=1)
         out = kernels.attention(q, keys, values, k_start, k_end, scale=self.scale, softcap=self.softcap,
                                 k_pos=k_pos, impl=self.impl)
