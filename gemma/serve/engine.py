@@ -309,6 +309,12 @@ class Engine:
         for width in widths:
             self.submit(Request((self.tokenizer.bos_id,) * width, max_tokens=1, temperature=1.0, top_p=0.5,
                                 logprobs=1)).wait()
+        # every decode width: S requests fill the slots one by one, then leave from the highest slot down
+        s = self.max_batch
+        gens = [self.submit(Request((self.tokenizer.bos_id,), max_tokens=s - i + 1, temperature=1.0, top_k=2,
+                                    stop_ids=())) for i in range(s)]
+        for g in gens:
+            g.wait()
 
     @property
     def running(self) -> int:
@@ -434,12 +440,14 @@ class Engine:
         self.metrics.prompt_tokens += len(request.ids)
 
     def _step(self) -> None:
-        active = np.asarray([s is not None for s in self._slots])
+        # slots are taken lowest first; only a power-of-two prefix holding every active slot is computed
+        rows = min(self.max_batch, 1 << max(i for i, s in enumerate(self._slots) if s is not None).bit_length())
+        active = np.asarray([s is not None for s in self._slots[:rows]])
         want_top = any(s is not None and s.gen.request.logprobs for s in self._slots)
         token, chosen, top_values, top_ids, self._logits, self._cache = _decode_step(
-            self._graphdef, self._state, self._cache, self._logits, jnp.asarray(self._keys),
-            jnp.asarray(self._counts), jnp.asarray(self._temperature), jnp.asarray(self._top_k),
-            jnp.asarray(self._top_p), jnp.asarray(active), jnp.bool_(want_top))
+            self._graphdef, self._state, self._cache, self._logits, jnp.asarray(self._keys[:rows]),
+            jnp.asarray(self._counts[:rows]), jnp.asarray(self._temperature[:rows]), jnp.asarray(self._top_k[:rows]),
+            jnp.asarray(self._top_p[:rows]), jnp.asarray(active), jnp.bool_(want_top), rows)
         token, chosen = np.asarray(token), np.asarray(chosen)
         top_values, top_ids = (np.asarray(top_values), np.asarray(top_ids)) if want_top else (None, None)
         version = self.weights_version
@@ -530,11 +538,17 @@ def _install(cache: Cache, logits: jax.Array, row: Cache, row_logits: jax.Array,
     return Cache(layers, put(cache.length, row.length)), put(logits, row_logits)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2, 3))
-def _decode_step(graphdef, state, cache, logits, keys, counts, temperature, top_k, top_p, active, want_top):
+@functools.partial(jax.jit, static_argnums=(0, 11), donate_argnums=(2, 3))
+def _decode_step(graphdef, state, cache, logits, keys, counts, temperature, top_k, top_p, active, want_top,
+                 rows):
     """Samples each active row's next token from its logits with its own parameters and key
     (fold_in(key, tokens drawn so far)), feeds it, and returns (token, its logprob, top logprobs
-    values and ids [S, TOP_LOGPROBS] (zeros unless want_top), next logits, cache)."""
+    values and ids [rows, TOP_LOGPROBS] (zeros unless want_top), next logits, cache). Only the first
+    `rows` (static) slots are computed: the per-row inputs hold those; the rest of the cache is kept."""
+    whole, whole_logits = cache, logits
+    if rows < cache.batch_size:
+        cache = Cache(tuple(LayerCache(c.k[:rows], c.v[:rows], c.ring) for c in cache.layers), cache.length[:rows])
+        logits = logits[:rows]
     model = nnx.merge(graphdef, state)
     keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), counts)
     token = sample_rows(logits, keys, temperature, top_k, top_p)
@@ -545,4 +559,10 @@ def _decode_step(graphdef, state, cache, logits, keys, counts, temperature, top_
         want_top, lambda: tuple(jax.lax.top_k(logp, TOP_LOGPROBS)),
         lambda: (jnp.zeros((s, TOP_LOGPROBS), logp.dtype), jnp.zeros((s, TOP_LOGPROBS), jnp.int32)))
     logits, cache = feed(model, cache, token, ~active)
+    if rows < whole.batch_size:
+        put = lambda big, part: big.at[:rows].set(part)
+        cache = Cache(tuple(LayerCache(put(w.k, c.k), put(w.v, c.v), c.ring) for w, c in zip(whole.layers,
+                                                                                          cache.layers)),
+                      put(whole.length, cache.length))
+        logits = put(whole_logits, logits)
     return token, chosen, top_values, top_ids, logits, cache
