@@ -189,7 +189,12 @@ BAD = [  # body, status, param, words in the message
     ({"prompt": 5}, 400, "prompt", "'prompt' must be"),
     ({"prompt": "Hi", "max_tokens": "x"}, 400, "max_tokens", "'max_tokens' must be"),
     ({"prompt": "Hi", "max_tokens": 0}, 400, "max_tokens", ">= 1"),
+    ({"prompt": "Hi", "max_tokens": -3}, 400, "max_tokens", ">= 1"),
     ({"prompt": "Hi", "temperature": -1}, 400, "temperature", ">= 0"),
+    ({"prompt": "Hi", "temperature": "hot"}, 400, "temperature", "'temperature' must be"),
+    ({"prompt": "Hi", "top_p": "x"}, 400, "top_p", "'top_p' must be"),
+    ({"prompt": "Hi", "seed": 1.5}, 400, "seed", "'seed' must be"),
+    ({"prompt": "Hi", "stream": "yes"}, 400, "stream", "'stream' must be"),
     ({"prompt": "Hi", "top_p": 0}, 400, "top_p", "(0, 1]"),
     ({"prompt": "Hi", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
     ({"prompt": "Hi", "n": 5}, 400, "n", "--max-batch (4)"),
@@ -210,6 +215,15 @@ def test_bad_completion_requests(url, body, status, param, words):
     assert r.status_code == status
     error = r.json()["error"]
     assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error"
+    ok = httpx.post(url + "/v1/completions", json={"prompt": "ok", "max_tokens": 2}, timeout=60)  # still serving
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_chat_over_max_len_names_the_limit(url):
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 60}],
+                                                        "max_tokens": 100}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert f"max_len of {MAX_LEN}" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("messages,words", [

@@ -350,6 +350,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                           "logprobs": lp, "finish_reason": finish}
             else:
                 choice = {"index": index, "text": ev.text, "logprobs": lp, "finish_reason": finish}
+            if finish is not None:  # the versions the whole choice was generated under, as in a plain answer
+                c = gens[p].choices[ev.index]
+                choice["weights_versions"] = [c.first_version, c.last_version]
             yield chunk([choice], ev.weights_version)
         if any(g.error is not None for g in gens):
             error = next(g.error for g in gens if g.error is not None)
