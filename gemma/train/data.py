@@ -331,12 +331,13 @@ def _seed32(seed: int, stream: int) -> int:
 
 def make_iterator(examples, *, batch_size: int, seq_len: int, seed: int, packing: bool = True,
                   shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
-                  prefetch: int = 2) -> DataIterator:
+                  prefetch: int = 2, batch_fn=None) -> DataIterator:
     """Batches of `examples` in a seed-determined order, `num_epochs` epochs (None: forever).
 
     `batch_size` is the global batch; this process gets its rows [i*B/n, (i+1)*B/n) for
     shard_index i of shard_count n, so the global batch does not depend on the process count.
-    `prefetch`: batches prepared ahead in a background thread (0: none)."""
+    `prefetch`: batches prepared ahead in a background thread (0: none). `batch_fn`: what turns rows into a
+    batch, with `_make_batch`'s signature (default: it)."""
     _check(examples, batch_size, seq_len, seed, shard_index, shard_count)
     layout = _layout(examples, seq_len, seed, packing)
     steps = math.ceil(len(layout) / batch_size)
@@ -345,7 +346,7 @@ def make_iterator(examples, *, batch_size: int, seq_len: int, seed: int, packing
     if pad:  # empty rows close each epoch's last batch
         epoch = grain.MapDataset.concatenate([epoch, grain.MapDataset.source([()] * pad)])
     per = batch_size // shard_count
-    make = functools.partial(_make_batch, examples=examples, seq_len=seq_len,
+    make = functools.partial(batch_fn or _make_batch, examples=examples, seq_len=seq_len,
                              lo=shard_index * per, hi=(shard_index + 1) * per)
     if num_epochs is None:  # "forever": grain's infinite length (sys.maxsize) overflows its batch length
         num_epochs = 2**62 // len(epoch)
