@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     from gemma.train import cli as train_cli
 
     train_cli.add_parser(sub)
+    train_cli.add_distill_parser(sub)
     from gemma.serve import cli as serve_cli
 
     serve_cli.add_parser(sub)
@@ -199,6 +200,11 @@ def _main(argv: list[str] | None) -> int:
 
         _enable_compilation_cache()
         return train_cli.main(args)
+    if args.command == "distill":
+        from gemma.train import cli as train_cli
+
+        _enable_compilation_cache()
+        return train_cli.distill_main(args)
     if args.command == "serve":
         from gemma.serve import cli as serve_cli
 

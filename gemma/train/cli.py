@@ -18,6 +18,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        "and, at the end, the fine-tuned model: checkpoints.load(DIR).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="gemma3-270m", help="'gemma3-270m', a .gguf file, an HF dir or an orbax dir")
+    training_flags(p, packing=True)
+    return p
+
+
+def training_flags(p: argparse.ArgumentParser, packing: bool) -> None:
+    """The flags of a training run (finetune's; distill's too, without --packing)."""
     p.add_argument("--data", required=True, help="training JSONL: {messages}, {prompt, response} or {text} a line")
     p.add_argument("--output", required=True, help="run directory (created; holding this run: resumed)")
     p.add_argument("--eval-data", default=None, help="JSONL for the eval loss")
@@ -37,8 +43,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="compute dtype; weights and optimizer state stay float32 (default: float32 on CPU, "
                         "bfloat16 on TPU/GPU)")
-    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
-                   help="pack several examples per row (each attends to itself only)")
+    if packing:
+        p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                       help="pack several examples per row (each attends to itself only)")
     p.add_argument("--long", default="truncate", choices=["truncate", "drop", "error"],
                    help="what to do with an example longer than --seq-len")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every K steps (and at the end)")
@@ -46,7 +53,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--remat", default=None, choices=["full", "dots"], help="recompute blocks in the backward")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--seed", type=int, default=0)
-    return p
 
 
 def _distributed() -> None:
@@ -113,4 +119,107 @@ def main(args) -> int:
         evals = f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else ""
         print(f"step {result['step']}: loss {result['loss']:.4f}{evals}; the fine-tuned model is in "
               f"{result['path']} (checkpoints.load)", file=sys.stderr)
+    return 0
+
+
+DISTILL_HELP = "distill a teacher into a student (GKD: on-policy, generalized JSD); rerun to resume"
+
+
+def add_distill_parser(sub) -> argparse.ArgumentParser:
+    """`python -m gemma distill`: finetune's flags (less --model and --packing) plus the teacher and GKD's."""
+    p = sub.add_parser("distill", help=DISTILL_HELP, description=DISTILL_HELP + ". Writes DIR/metrics.jsonl, "
+                       "orbax checkpoints and, at the end, the student: checkpoints.load(DIR).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", required=True, help="the teacher: 'gemma3-270m', a .gguf file, an HF or orbax dir")
+    p.add_argument("--student", required=True, help="the student (same tokenizer), initial weights")
+    p.add_argument("--lmbda", type=float, default=0.5, help="probability a batch's responses are the student's own")
+    p.add_argument("--beta", type=float, default=0.5, help="generalized JSD: 0 forward KL, 1 reverse KL")
+    p.add_argument("--temperature", type=float, default=1.0, help="of the divergence (logits / T)")
+    p.add_argument("--gen-temperature", type=float, default=1.0, help="of the generation (0 greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest generated response")
+    p.add_argument("--seq-kd", action="store_true", help="teacher-generated responses (before the lmbda coin)")
+    sparse = p.add_mutually_exclusive_group()
+    sparse.add_argument("--sampled-teacher", type=int, default=None, metavar="K",
+                        help="precompute K teacher draws per position (frequency-weighted) and train on them")
+    sparse.add_argument("--renormalized-teacher", type=int, default=None, metavar="K",
+                        help="K draws, the teacher's probabilities renormalised over them (Gemma 3's; biased)")
+    sparse.add_argument("--top-k-teacher", type=int, default=None, metavar="K",
+                        help="the teacher's K most probable ids per position, renormalised")
+    training_flags(p, packing=False)
+    return p
+
+
+def distill_main(args) -> int:
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        _distributed()
+        import jax
+
+        import checkpoints
+        from gemma.train import distill_run, distill_trainer, run, sharding
+        from gemma.train.trainer import TrainConfig
+
+        for flag, value in (("--save-every", args.save_every), ("--eval-every", args.eval_every),
+                            ("--steps", args.steps), ("--max-new-tokens", args.max_new_tokens)):
+            if value is not None and value < 1:
+                return fail(f"{flag} must be >= 1, got {value}")
+        for flag, value in (("--lmbda", args.lmbda), ("--beta", args.beta)):
+            if not 0 <= value <= 1:
+                return fail(f"{flag} must be in [0, 1], got {value}")
+        if not args.temperature > 0:
+            return fail(f"--temperature must be > 0, got {args.temperature}")
+        targets = None
+        for flag, mode in (("sampled_teacher", "sampled"), ("renormalized_teacher", "renormalized"),
+                           ("top_k_teacher", "top_k")):
+            k = getattr(args, flag)
+            if k is not None:
+                if k < 1:
+                    return fail(f"--{flag.replace('_', '-')} K must be >= 1, got {k}")
+                targets = (mode, k)
+        if args.epochs is not None and not args.epochs > 0:
+            return fail(f"--epochs must be > 0, got {args.epochs}")
+        dc = distill_trainer.DistillConfig(lmbda=args.lmbda, beta=args.beta, temperature=args.temperature,
+                                           seq_kd=args.seq_kd, gen_temperature=args.gen_temperature,
+                                           max_new_tokens=args.max_new_tokens)
+        distill_run.check_targets(targets, dc)
+        lr = args.learning_rate if args.learning_rate is not None else (1e-4 if args.lora_rank else 1e-5)
+        dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        config = TrainConfig(steps=args.steps or 1, batch_size=args.batch_size, seq_len=args.seq_len,
+                             grad_accum=args.grad_accum, learning_rate=lr, warmup_steps=args.warmup_steps,
+                             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                             lora_targets=args.lora_targets, compute_dtype=dtype, remat=args.remat, seed=args.seed)
+        mesh = sharding.make_mesh(args.mesh)
+        for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
+            if path is not None and not os.path.isfile(path):
+                return fail(f"{flag} {path}: no such file")
+        sources = []
+        for src in (args.student, args.teacher):
+            checkpoints.resolve(src)
+            sources.append(src if not os.path.exists(src) else os.path.abspath(src))
+        identity = distill_run.run_identity(config, dc, sources[0], sources[1], args.data, args.long, targets)
+        distill_run.check_output(os.path.abspath(args.output), identity)
+        tokenizer = checkpoints.load_tokenizer(args.student)
+        teacher_tokenizer = checkpoints.load_tokenizer(args.teacher)
+        from gemma.train import data
+
+        data.load_examples(args.data, tokenizer, args.seq_len, args.long)
+        if args.eval_data:
+            data.load_examples(args.eval_data, tokenizer, args.seq_len, args.long)
+        student, teacher = checkpoints.load(args.student), checkpoints.load(args.teacher)
+        distill_trainer.shared_vocab(student.config, teacher.config, tokenizer, teacher_tokenizer)
+    except (ValueError, OSError, ModuleNotFoundError) as e:
+        return fail(str(e).splitlines()[0] if "\n" in str(e) and len(str(e)) > 400 else str(e))
+    epochs = args.epochs if args.epochs is not None else (None if args.steps is not None else 1.0)
+    result = distill_run.distill(student, teacher, tokenizer, args.data, args.output, config=config, distill=dc,
+                                 targets=targets, eval_path=args.eval_data, long=args.long,
+                                 save_every=args.save_every, eval_every=args.eval_every, keep=args.keep, mesh=mesh,
+                                 student_source=sources[0], teacher_source=sources[1],
+                                 teacher_tokenizer=teacher_tokenizer, epochs=epochs, log=lambda line: print(line, file=sys.stderr))
+    if jax.process_index() == 0:
+        evals = f", eval divergence {result['eval_loss']:.4f}" if result["eval_loss"] is not None else ""
+        print(f"step {result['step']}: loss {result['loss']:.4f}{evals}; the student is in {result['path']} "
+              f"(checkpoints.load)", file=sys.stderr)
     return 0

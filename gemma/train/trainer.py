@@ -107,18 +107,24 @@ def loss_sums(graphdef, trainable, frozen, batch, compute_dtype, remat, chunk):
 
 def _train_step(graphdef, optimizer, compute_dtype, remat, chunk, trainable, frozen, opt_state, batches):
     """One optimizer step over micro-batches stacked on a leading axis [k, B, L]."""
+    return accumulated_step(lambda t, b: loss_sums(graphdef, t, frozen, b, compute_dtype, remat, chunk), optimizer,
+                            trainable, opt_state, batches)
+
+
+def accumulated_step(loss, optimizer, trainable, opt_state, batches):
+    """One optimizer step of `loss(trainable, micro_batch) -> (sum, weight sum)` over micro-batches stacked on a
+    leading axis, normalised by the weight sum of all of them."""
     def micro(carry, batch):
-        grads, loss, count = carry
-        (l, n), g = jax.value_and_grad(  # (loss sum, weight sum): the second is the aux
-            lambda t: loss_sums(graphdef, t, frozen, batch, compute_dtype, remat, chunk), has_aux=True)(trainable)
-        return (jax.tree.map(jnp.add, grads, g), loss + l, count + n), None
+        grads, loss_sum, count = carry
+        (l, n), g = jax.value_and_grad(lambda t: loss(t, batch), has_aux=True)(trainable)  # the weight sum: aux
+        return (jax.tree.map(jnp.add, grads, g), loss_sum + l, count + n), None
 
     zeros = jax.tree.map(jnp.zeros_like, trainable)
-    (grads, loss, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batches)
+    (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batches)
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, {"loss": loss / jnp.maximum(count, 1.0), "tokens": count,
+    return trainable, opt_state, {"loss": loss_sum / jnp.maximum(count, 1.0), "tokens": count,
                                   "grad_norm": optax.tree.norm(grads)}
 
 
