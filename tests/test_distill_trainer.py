@@ -117,6 +117,8 @@ def test_compatibility_and_settings_errors():
                                          "the student 512"):
         DT.DistillTrainer(_tiny(), _tiny(v=600), None, T.TrainConfig(), DT.DistillConfig())
     assert DT.shared_vocab(config.gemma3_270m(), config.gemma3_4b()) == 262_144  # text + multimodal table
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        DT.DistillTrainer(_tiny(), _tiny(d=48), None, T.TrainConfig(), DT.DistillConfig(lmbda=0.5))
 
     class Other(_Tok):
         end_of_turn_id = 107

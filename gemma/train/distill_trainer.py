@@ -120,6 +120,8 @@ class DistillTrainer(Trainer):
     def __init__(self, student, teacher, tokenizer, config: TrainConfig, distill: DistillConfig, mesh=None, *,
                  teacher_tokenizer=None):
         self.vocab = shared_vocab(student.config, teacher.config, tokenizer, teacher_tokenizer)
+        if distill.generates and tokenizer is None:
+            raise ValueError("generating responses (lmbda > 0 or seq_kd) needs the tokenizer (its stop ids)")
         self.distill = distill
         self.tokenizer = tokenizer
         super().__init__(student, config, mesh)
