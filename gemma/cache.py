@@ -161,3 +161,28 @@ def check_dtype(dtype) -> None:
     if jnp.dtype(dtype).name not in CACHE_DTYPES:
         raise ValueError(f"KV cache dtype {jnp.dtype(dtype).name!r} is not served; expected one of "
                          f"{', '.join(CACHE_DTYPES)}")
+
+
+def ring_snapshot(cache: Cache, positions: jax.Array) -> tuple:
+    """Per layer, the ring slots that writing `positions` [B, T] will overwrite (each array gathered
+    [B, T, ...]; None for linear layers): what `rollback` puts back."""
+    rows = jnp.arange(positions.shape[0])[:, None]
+    return tuple(c.select(lambda a, c=c: a[rows, positions % c.num_slots]) if c.ring else None for c in cache.layers)
+
+
+def rollback(cache: Cache, snapshot: tuple, positions: jax.Array, length: jax.Array) -> Cache:
+    """The cache after a chunk at `positions` [B, T] was written, cut back to `length` [B] tokens: ring
+    slots of positions >= length get their snapshot back (linear slots past `length` are never read)."""
+    rows = jnp.arange(positions.shape[0])[:, None]
+    undo = positions >= length[:, None]
+    layers = []
+    for c, saved in zip(cache.layers, snapshot):
+        if c.ring:
+            slots = positions % c.num_slots
+            arrays = [(a, s) for a, s in zip((c.k, c.v, c.k_scale, c.v_scale),
+                                              (saved.k, saved.v, saved.k_scale, saved.v_scale)) if a is not None]
+            put = [a.at[rows, slots].set(jnp.where(undo.reshape(undo.shape + (1,) * (s.ndim - 2)), s, a[rows, slots]))
+                   for a, s in arrays]
+            c = LayerCache(put[0], put[1], True, *put[2:])
+        layers.append(c)
+    return Cache(tuple(layers), length)

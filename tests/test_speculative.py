@@ -1,0 +1,110 @@
+"""Speculative decoding (gemma/speculative.py): prompt-lookup drafts, ring rollback, greedy identity with the
+target alone, rejection sampling distributed as the target (chi-square)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats
+
+from conftest import FIXTURES
+from gemma import config as C
+from gemma import speculative
+from gemma.cache import init_cache, ring_snapshot, rollback
+from gemma.sampler import Sampler, SamplingParams
+from gemma.transformer import Transformer
+
+
+def test_prompt_lookup_copies_what_followed_the_latest_ngram():
+    assert speculative.prompt_lookup([5, 6, 7, 8, 9, 5, 6, 7], 3) == [8, 9, 5]
+    assert speculative.prompt_lookup([1, 2, 3, 1, 2, 4, 1, 2], 2) == [4, 1]  # the latest occurrence
+    assert speculative.prompt_lookup([1, 2, 3, 9, 3], 4) == [9, 3]  # a 1-gram when no longer one recurs
+    assert speculative.prompt_lookup([1, 2, 3, 4], 4) == []
+    assert speculative.prompt_lookup([7], 4) == []
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Random 7-layer model (W = 8) with the real vocabulary and randomized norms (as test_sampler)."""
+    model = Transformer(C.tiny(vocab_size=C.VOCAB_SIZE), rngs=nnx.Rngs(0))
+    for i, (_, var) in enumerate(nnx.iter_graph(model)):
+        if isinstance(var, nnx.Param) and var[...].ndim == 1:
+            var[...] = 0.3 * jax.random.normal(jax.random.key(i), var[...].shape)
+    return model
+
+
+def test_rollback_restores_the_ring(tiny):
+    """Writing 4 tokens then cutting back to 1 leaves the cache as writing that 1 token alone did."""
+    cache = init_cache(tiny.config, 1, 64, jnp.float32)
+    _, cache = tiny.extend(jnp.arange(3, 14)[None], jnp.arange(11)[None], cache)
+    _, one = tiny.extend(jnp.asarray([[20]]), jnp.asarray([[11]]), jax.tree.map(jnp.copy, cache))
+    positions = jnp.arange(11, 15)[None]
+    snapshot = ring_snapshot(cache, positions)
+    _, four = tiny.extend(jnp.asarray([[20, 21, 22, 23]]), positions, cache)
+    back = rollback(four, snapshot, positions, jnp.asarray([12]))
+    assert any(c.ring for c in back.layers) and int(back.length[0]) == 12
+    for a, b in zip(back.layers, one.layers):  # linear layers: the slots below the length (the rest is unread)
+        keep = slice(None) if a.ring else slice(0, 12)
+        np.testing.assert_allclose(np.asarray(a.k[:, keep]), np.asarray(b.k[:, keep]), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(a.v[:, keep]), np.asarray(b.v[:, keep]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.int8])
+def test_greedy_equals_the_target_alone_tiny(tiny, tokenizer_270m, cache_dtype):
+    """48 tokens through a ring of 8 with drafts kept and rejected: the target's greedy ids exactly."""
+    s = Sampler(tiny, tokenizer_270m, max_len=128, prefill_chunk=16, cache_dtype=cache_dtype)
+    prompt = np.random.default_rng(3).integers(3, 64, size=12).tolist() * 2
+    want = s.generate(prompt, max_new_tokens=48).tokens
+    got, st = speculative.generate(s, prompt, max_new_tokens=48, draft_len=4)
+    assert got == want
+    assert st.drafted > st.accepted > 0 and st.steps < len(got)  # some drafts kept, some rolled back
+
+
+def test_rejection_sampling_is_distributed_as_the_target(tiny):
+    """Verify logits of the tiny model (top-k 6 at temperature 1, so six cells carry all mass), a draft of
+    the target's likeliest then an unlikely token: 40,000 draws of the first emitted token match p_0, the
+    second (after a kept first) p_1, by chi-square; the draft's acceptance matches p_0(d_1)."""
+    params = SamplingParams(1.0, 6, None)
+    cache = init_cache(tiny.config, 1, 32, jnp.float32)
+    _, cache = tiny.extend(jnp.arange(3, 13)[None], jnp.arange(10)[None], cache)
+    p0 = speculative.target_probs(tiny.extend(jnp.asarray([[40]]), jnp.asarray([[10]]), cache)[0][:, 0], params)[0]
+    d1 = int(jnp.argmax(p0))
+    logits, _ = tiny.extend(jnp.asarray([[40, d1, 0]]), jnp.arange(10, 13)[None], cache, last_only=False)
+    probs = speculative.target_probs(logits[0], params)
+    np.testing.assert_allclose(probs[0], p0, atol=1e-5)
+    d2 = int(jnp.argsort(probs[1])[-6])  # the least likely of the six
+    # accept() draws over the vocabulary it is given: the union of the supports (40,000 rows of 262k is 42 GB)
+    vocab = np.union1d(np.flatnonzero(np.asarray(probs[0]) > 0), np.flatnonzero(np.asarray(probs[1]) > 0))
+    small = probs[:, vocab]
+    draft = jnp.asarray([np.searchsorted(vocab, d1), np.searchsorted(vocab, d2)], jnp.int32)
+    n, nxt = jax.vmap(lambda k: speculative.accept(small, draft, k))(jax.random.split(jax.random.key(0), 40_000))
+    n, nxt = np.asarray(n), vocab[np.asarray(nxt)]
+    first = np.where(n >= 1, d1, nxt)
+    second = np.where(n >= 2, d2, nxt)[n >= 1]
+    for draws, p in ((first, np.asarray(probs[0], np.float64)), (second, np.asarray(probs[1], np.float64))):
+        support = np.flatnonzero(p > 0)
+        assert len(support) == 6 and set(np.unique(draws)) <= set(support)
+        counts = np.asarray([(draws == t).sum() for t in support])
+        assert stats.chisquare(counts, p[support] / p[support].sum() * len(draws)).pvalue > 1e-3
+    assert abs((n >= 1).mean() - float(probs[0, d1])) < 4 * np.sqrt(0.25 / len(n))
+
+
+REF = json.loads((FIXTURES / "gemma3_270m" / "reference.json").read_text())
+NPZ = dict(np.load(FIXTURES / "gemma3_270m" / "reference.npz"))
+
+
+def test_greedy_equals_the_target_alone_270m(model_270m, tokenizer_270m):
+    """The parity prompts (test_real_270m), 32 tokens each: speculative ids equal Sampler.generate's."""
+    s = Sampler(model_270m, tokenizer_270m, max_len=8192)
+    drafted = accepted = 0
+    for i, p in enumerate(REF["prompts"]):
+        ids = NPZ[f"p{i}_ids"].tolist()
+        want = s.generate(ids, max_new_tokens=32).tokens
+        got, st = speculative.generate(s, ids, max_new_tokens=32)
+        assert got == want, p["name"]
+        drafted, accepted = drafted + st.drafted, accepted + st.accepted
+    assert accepted > 0
+    print(f"acceptance {accepted}/{drafted}")
