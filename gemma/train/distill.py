@@ -251,13 +251,22 @@ def sample_targets(teacher_logits: jax.Array, key: jax.Array, k: int, *, mode: s
             raise ValueError(f"top-k K = {k} exceeds the vocabulary ({v})")
         top, ids = jax.lax.top_k(logits, k)
         return ids.astype(jnp.int32), jax.nn.softmax(top, axis=-1)
-    draws = jax.random.categorical(key, logits, axis=-1, shape=(k, *logits.shape[:-1]))
-    ids = jnp.sort(jnp.moveaxis(draws, 0, -1), axis=-1).astype(jnp.int32)
+    ids = _draw(key, logits, k)
     if mode == "sampled":
         return ids, jnp.full(ids.shape, 1.0 / k, jnp.float32)
     first = jnp.concatenate([jnp.ones_like(ids[..., :1], bool), ids[..., 1:] != ids[..., :-1]], axis=-1)
     q = jnp.where(first, jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), ids, axis=-1), 0.0)
     return ids, q / jnp.sum(q, axis=-1, keepdims=True)
+
+
+def _draw(key, logits, k):
+    """K ids per row of softmax(logits), ascending, by the inverse CDF: O(rows x V) memory, where
+    jax.random.categorical's Gumbel draws would take O(K x rows x V)."""
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    flat = cdf.reshape(-1, cdf.shape[-1])
+    u = jnp.sort(jax.random.uniform(key, (flat.shape[0], k)), axis=-1) * flat[:, -1:]
+    ids = jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right"))(flat, u)
+    return jnp.minimum(ids, cdf.shape[-1] - 1).astype(jnp.int32).reshape(*logits.shape[:-1], k)
 
 
 def sparse_cross_entropy_sum(hidden: jax.Array, embedding: jax.Array, ids: jax.Array, probs: jax.Array,
