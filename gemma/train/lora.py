@@ -50,7 +50,6 @@ class LoRAEinsum(nnx.Module):
         self.base = base
         self.rank, self.alpha = int(rank), float(alpha)
         self.a_spec = f"{lhs},{contract}{_RANK}->{batch}{_RANK}"
-        self.b_spec = f"{batch}{_RANK},{_RANK}{rest}->{out}"
         self.delta_spec = f"{contract}{_RANK},{_RANK}{rest}->{rhs}"
         axes = dict(zip(rhs, base.w.get_metadata().get("logical_axes", (None,) * len(rhs))))
         a_shape = tuple(sizes[c] for c in contract) + (self.rank,)
@@ -65,14 +64,34 @@ class LoRAEinsum(nnx.Module):
 
     def __call__(self, x: jax.Array, preferred_element_type=None) -> jax.Array:
         y = self.base(x, preferred_element_type)
-        z = jnp.einsum(self.a_spec, x, self.a[...].astype(x.dtype))
-        update = jnp.einsum(self.b_spec, z, self.b[...].astype(x.dtype))
+        z = jnp.einsum(self.a_spec, x, self.a[...].astype(x.dtype))  # [batch..., r]
+        b = self.b[...].astype(x.dtype)  # [r, rest...]
+        update = low_rank(z.reshape(-1, self.rank), b.reshape(self.rank, -1)).reshape(z.shape[:-1] + b.shape[1:])
         return y + (self.scale * update).astype(y.dtype)
 
     def delta(self) -> jax.Array:
         """(alpha / rank) * a.b in w's layout and f32."""
         return self.scale * jnp.einsum(self.delta_spec, self.a[...].astype(jnp.float32),
                                        self.b[...].astype(jnp.float32))
+
+
+@jax.custom_vjp
+def low_rank(z: jax.Array, b: jax.Array) -> jax.Array:
+    """z [M, r] @ b [r, N], whose b-gradient is the plain product z.T @ dy: differentiating the einsum
+    instead, XLA CPU first copied each [M, N] output gradient into a transposed layout."""
+    return z @ b
+
+
+def _low_rank_fwd(z, b):
+    return z @ b, (z, b)
+
+
+def _low_rank_bwd(res, dy):
+    z, b = res
+    return dy @ b.T, z.T @ dy
+
+
+low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def _sites(model) -> list[tuple[str, object, str]]:
