@@ -448,6 +448,17 @@ class Sampler:
             return SamplerOutput(results[0][1], results[0][0])
         return SamplerOutput([t for _, t in results], [i for i, _ in results])
 
+    def generate_speculative(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                             stop: Sequence[str] | None = None, draft_len: int = 4) -> SamplerOutput:
+        """`generate` for one text prompt with speculative decoding (gemma/speculative.py: prompt-lookup drafts
+        checked in one pass): greedy ids are generate's, sampled ids distributed as generate's."""
+        from gemma import speculative
+
+        ids, _ = speculative.generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, draft_len)
+        ids, text = self._stop_at(ids, stop)
+        return SamplerOutput(text, ids)
+
     def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int = 0, stop: Sequence[str] | None = None,
                images=None, pan_and_scan: bool = False) -> Iterator[str]:

@@ -61,6 +61,7 @@ def test_greedy_equals_the_target_alone_tiny(tiny, tokenizer_270m, cache_dtype):
     got, st = speculative.generate(s, prompt, max_new_tokens=48, draft_len=4)
     assert got == want
     assert st.drafted > st.accepted > 0 and st.steps < len(got)  # some drafts kept, some rolled back
+    assert s.generate_speculative(prompt, max_new_tokens=48).tokens == want
 
 
 def test_rejection_sampling_is_distributed_as_the_target(tiny):
