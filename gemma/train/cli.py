@@ -55,6 +55,20 @@ def training_flags(p: argparse.ArgumentParser, packing: bool) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def train_config(args):
+    """The TrainConfig of training_flags' arguments (default learning rate and compute dtype filled in)."""
+    import jax
+
+    from gemma.train.trainer import TrainConfig
+
+    lr = args.learning_rate if args.learning_rate is not None else (1e-4 if args.lora_rank else 1e-5)
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    return TrainConfig(steps=args.steps or 1, batch_size=args.batch_size, seq_len=args.seq_len,
+                       grad_accum=args.grad_accum, learning_rate=lr, warmup_steps=args.warmup_steps,
+                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                       compute_dtype=dtype, remat=args.remat, seed=args.seed)
+
+
 def _distributed() -> None:
     """jax.distributed.initialize for multi-host runs (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
     JAX_PROCESS_ID in the environment; on TPU pods jax finds them itself)."""
@@ -78,7 +92,6 @@ def main(args) -> int:
 
         import checkpoints
         from gemma.train import run, sharding
-        from gemma.train.trainer import TrainConfig
 
         for flag, value in (("--save-every", args.save_every), ("--eval-every", args.eval_every)):
             if value is not None and value < 1:
@@ -87,12 +100,7 @@ def main(args) -> int:
             return fail(f"--steps must be >= 1, got {args.steps}")
         if args.epochs is not None and not args.epochs > 0:
             return fail(f"--epochs must be > 0, got {args.epochs}")
-        lr = args.learning_rate if args.learning_rate is not None else (1e-4 if args.lora_rank else 1e-5)
-        dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-        config = TrainConfig(steps=args.steps or 1, batch_size=args.batch_size, seq_len=args.seq_len,
-                             grad_accum=args.grad_accum, learning_rate=lr, warmup_steps=args.warmup_steps,
-                             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                             lora_targets=args.lora_targets, compute_dtype=dtype, remat=args.remat, seed=args.seed)
+        config = train_config(args)
         mesh = sharding.make_mesh(args.mesh)
         for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
             if path is not None and not os.path.isfile(path):
@@ -160,7 +168,6 @@ def distill_main(args) -> int:
 
         import checkpoints
         from gemma.train import distill_run, distill_trainer, run, sharding
-        from gemma.train.trainer import TrainConfig
 
         for flag, value in (("--save-every", args.save_every), ("--eval-every", args.eval_every),
                             ("--steps", args.steps), ("--max-new-tokens", args.max_new_tokens)):
@@ -185,12 +192,7 @@ def distill_main(args) -> int:
                                            seq_kd=args.seq_kd, gen_temperature=args.gen_temperature,
                                            max_new_tokens=args.max_new_tokens)
         distill_run.check_targets(targets, dc)
-        lr = args.learning_rate if args.learning_rate is not None else (1e-4 if args.lora_rank else 1e-5)
-        dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-        config = TrainConfig(steps=args.steps or 1, batch_size=args.batch_size, seq_len=args.seq_len,
-                             grad_accum=args.grad_accum, learning_rate=lr, warmup_steps=args.warmup_steps,
-                             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                             lora_targets=args.lora_targets, compute_dtype=dtype, remat=args.remat, seed=args.seed)
+        config = train_config(args)
         mesh = sharding.make_mesh(args.mesh)
         for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
             if path is not None and not os.path.isfile(path):
