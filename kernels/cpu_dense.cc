@@ -121,20 +121,31 @@ inline void major_group(const float* X, const W* row, float* acc, int64_t ldy, i
   }
 }
 
-// acc[m, v] += sum_{d in [d0, d1)} x[m, d] * w[d, v].
-template <int MM, typename W>
-void major_rows(const float* X, const W* Wt, float* acc, int64_t ldy, int64_t D, int64_t V, int64_t d0, int64_t d1) {
+// acc[m, v] += sum over the RR weight rows from d of x[m, d] * w[d, v], for the MM rows of x at X.
+template <int RR, int MM, typename W>
+void major_pass(const float* X, const W* Wt, float* acc, int64_t ldy, int64_t D, int64_t V, int64_t d) {
+  const W* row = Wt + d * V;
+  int64_t v = 0;
+  for (; v + 32 <= V; v += 32) major_group<RR, 2, MM, false>(X, row, acc, ldy, D, V, d, v);
+  for (; v + 16 <= V; v += 16) major_group<RR, 1, MM, false>(X, row, acc, ldy, D, V, d, v);
+  if (v < V) major_group<RR, 1, MM, true>(X, row, acc, ldy, D, V, d, v);
+}
+
+// acc[m, v] += sum_{d in [d0, d1)} x[m, d] * w[d, v] for all M rows. Each pass of 8 weight rows (8 * V
+// weights, cache-resident) serves every group of 8 rows of x before the next pass is read, so the
+// weights stream from memory once whatever M; each output's sum order is the same as group-outer.
+template <typename W>
+void major_rows(const float* X, const W* Wt, float* acc, int64_t ldy, int64_t M, int64_t D, int64_t V, int64_t d0,
+                int64_t d1) {
   int64_t d = d0;
-  auto pass = [&](auto rows_tag) {
-    constexpr int RR = decltype(rows_tag)::value;
-    const W* row = Wt + d * V;
-    int64_t v = 0;
-    for (; v + 32 <= V; v += 32) major_group<RR, 2, MM, false>(X, row, acc, ldy, D, V, d, v);
-    for (; v + 16 <= V; v += 16) major_group<RR, 1, MM, false>(X, row, acc, ldy, D, V, d, v);
-    if (v < V) major_group<RR, 1, MM, true>(X, row, acc, ldy, D, V, d, v);
-  };
-  for (; d + 8 <= d1; d += 8) pass(std::integral_constant<int, 8>{});
-  for (; d < d1; ++d) pass(std::integral_constant<int, 1>{});
+  for (; d + 8 <= d1; d += 8)
+    by_row_groups(M, [&](int64_t m0, auto mm) {
+      major_pass<8, decltype(mm)::value>(X + m0 * D, Wt, acc + m0 * ldy, ldy, D, V, d);
+    });
+  for (; d < d1; ++d)
+    by_row_groups(M, [&](int64_t m0, auto mm) {
+      major_pass<1, decltype(mm)::value>(X + m0 * D, Wt, acc + m0 * ldy, ldy, D, V, d);
+    });
 }
 
 // y [M, V] = x [M, D] . w [V, D]^T: chunks of whole weight rows, one y column block each.
@@ -169,9 +180,7 @@ void dense_major(ffi::ThreadPool& pool, const float* X, const W* Wt, float* Y, i
   parallel_chunks(pool, chunks, threads, [&](int64_t c) {
     float* acc = partial + c * M * ldy;
     std::fill(acc, acc + M * ldy, 0.0f);
-    by_row_groups(M, [&](int64_t m0, auto mm) {
-      major_rows<decltype(mm)::value>(X + m0 * D, Wt, acc + m0 * ldy, ldy, D, V, c * rows, std::min(D, (c + 1) * rows));
-    });
+    major_rows(X, Wt, acc, ldy, M, D, V, c * rows, std::min(D, (c + 1) * rows));
   });
   for (int64_t m = 0; m < M; ++m)
     for (int64_t v = 0; v < V; ++v) {

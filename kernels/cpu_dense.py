@@ -1,4 +1,4 @@
-"""Decode-sized dense products (1-8 rows) on x86 CPUs, through an XLA FFI custom call.
+"""Decode-sized dense products (1-32 rows) on x86 CPUs, through an XLA FFI custom call.
 
 Decode reads every weight once per token, so it runs at memory speed or not at
 all. XLA:CPU (jaxlib 0.12) runs a bf16 matrix-vector dot at 1-5 GB/s, and its
@@ -25,9 +25,11 @@ from kernels import cpu_build
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_dense.cc")
 # benchmarks/cpu_dense.py (chained products, weights streamed from memory as in decode), 1 / 8 rows:
 # [640, 2048] f32 22.4 / 14.1 GB/s against XLA's 16.5 / 3.8, bf16 17.7 / 7.1 against 1.4 / 5.0; the
-# [262144, 640] head f32 20.3 / 19.3 against 19.9 / 10.6. Beyond 8 rows XLA's GEMM path reuses
-# each weight enough.
-MAX_ROWS = 8
+# [262144, 640] head f32 20.3 / 19.3 against 19.9 / 10.6. Above 8 rows the kernels take groups of 8;
+# `--step` (the real 270M's decode step, RESULTS.md): the kernels win through 32 rows (the most
+# measured) for bf16 weights and through 16 for f32; at 32 f32 rows XLA's GEMM path ties them.
+MAX_ROWS = 32  # the most rows any weight dtype sends here (per dtype: _MAX_ROWS)
+_MAX_ROWS = {jnp.dtype(jnp.float32): 16, jnp.dtype(jnp.bfloat16): 32}
 
 
 @functools.cache
@@ -47,8 +49,9 @@ def available() -> bool:
 
 
 def usable(x: jax.Array, w: jax.Array, rows: int) -> bool:
-    """Whether dense() serves this product: f32 or bf16 weights, <= MAX_ROWS rows, CPU backend, kernels built."""
-    return (w.dtype in (jnp.float32, jnp.bfloat16) and rows <= MAX_ROWS and jax.default_backend() == "cpu"
+    """Whether dense() serves this product: f32 (<= 16 rows) or bf16 (<= 32 rows) weights, CPU backend, kernels
+    built."""
+    return (rows <= min(MAX_ROWS, _MAX_ROWS.get(jnp.dtype(w.dtype), 0)) and jax.default_backend() == "cpu"
             and available())
 
 

@@ -40,7 +40,7 @@ def dense(spec: str, x: jax.Array, w: jax.Array | QArray, preferred_element_type
     A quantized weight (kernels.quantized.QArray, stored rows x contraction) goes to
     quantized.matmul; its result is float32, returned in x's dtype unless told otherwise.
 
-    Decode-sized products (<= cpu_dense.MAX_ROWS rows) with f32 or bf16 weights on CPU go to
+    Decode-sized products (cpu_dense.usable: <= 16 rows f32, <= 32 bf16) with f32 or bf16 weights on CPU go to
     kernels.cpu_dense, which streams the weights at memory speed where XLA's few-row dots do not;
     the result is the same product accumulated in f32, returned in einsum's dtype.
     """

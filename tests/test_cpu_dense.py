@@ -17,10 +17,11 @@ pytestmark = pytest.mark.skipif(not cpu_dense.available(), reason="needs x86 AVX
 @pytest.mark.parametrize("wdtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("layout", ["minor", "major"])
 @pytest.mark.parametrize("m,d,v", [(1, 640, 2048), (3, 37, 1030), (16, 64, 17), (8, 96, 3000), (2, 5, 1),
-                                   (5, 203, 77), (11, 1000, 40), (7, 16, 4099), (3, 0, 20)])
+                                   (5, 203, 77), (11, 1000, 40), (7, 16, 4099), (3, 0, 20),
+                                   (32, 640, 2048), (32, 203, 1030), (29, 96, 3000), (64, 37, 77)])
 def test_kernel_equals_f32_einsum(layout, wdtype, m, d, v):
-    """Row counts 1-16 (16 and 11 take two 8-row passes), ragged D and V (masked tails, odd row
-    tiles), and shapes that split into many chunks across threads."""
+    """Row counts 1-64 (above 8: several 8-row groups, 29 and 11 with a ragged last group), ragged D and V
+    (masked tails, odd row tiles), and shapes that split into many chunks across threads."""
     rng = np.random.default_rng(m * 1000 + d)
     x = jnp.asarray(rng.standard_normal((m, d)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((v, d) if layout == "minor" else (d, v)), wdtype)
@@ -32,16 +33,28 @@ def test_kernel_equals_f32_einsum(layout, wdtype, m, d, v):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * np.sqrt(d), rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [8, 32])
 @pytest.mark.parametrize("layout", ["minor", "major"])
-def test_kernel_is_bitwise_reproducible(layout):
-    """Work is split over threads dynamically; every output must still be summed in one fixed order."""
+def test_kernel_is_bitwise_reproducible(layout, rows):
+    """Work is split over threads dynamically; every output must still be summed in one fixed order,
+    and a row's result must not depend on how many rows share the call (its first 8 rows alone)."""
     rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.standard_normal((8, 640)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((rows, 640)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((2048, 640) if layout == "minor" else (640, 2048)), jnp.float32)
     f = jax.jit(cpu_dense.dense, static_argnums=2)
     first = np.asarray(f(x, w, layout))
     for _ in range(30):
         np.testing.assert_array_equal(np.asarray(f(x, w, layout)), first)
+    np.testing.assert_array_equal(np.asarray(f(x[:8], w, layout)), first[:8])
+
+
+def test_rows_routed_to_the_kernel_per_dtype():
+    """bf16 weights up to 32 rows, f32 up to 16 (measured crossovers); other dtypes never."""
+    x = jnp.zeros((1, 8), jnp.float32)
+    for dtype, most in ((jnp.bfloat16, 32), (jnp.float32, 16)):
+        w = jnp.zeros((8, 8), dtype)
+        assert cpu_dense.usable(x, w, most) and not cpu_dense.usable(x, w, most + 1)
+    assert not cpu_dense.usable(x, jnp.zeros((8, 8), jnp.float16), 1)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
