@@ -94,6 +94,40 @@ def test_matches_plain_f32(v, chunk, softcap):
     assert np.all(np.asarray(got[2][0]).reshape(-1, args[0].shape[-1])[excluded] == 0)
 
 
+@pytest.mark.parametrize("v,chunk,softcap", [(1000, 256, None), (1000, 333, 4.0), (70, 1, None), (1088, 256, 30.0)])
+def test_table_held_constant_f32(v, chunk, softcap):
+    """Not differentiating the table (LoRA) takes the forward that computes d_hidden itself: same value and
+    gradients wrt hidden and weights as the plain loss and as the float64 formula."""
+    hidden, table, targets, weights = problem(v=v)
+    f = lambda fn: lambda h, w: fn(h, table, targets, w, chunk_size=chunk, softcap=softcap)[0]  # noqa: E731
+    got = jax.jit(jax.value_and_grad(f(L.cross_entropy_sum), argnums=(0, 1)))(hidden, weights)
+    want = jax.value_and_grad(f(L.plain_cross_entropy_sum), argnums=(0, 1))(hidden, weights)
+    assert rel(got[0], want[0]) <= F32_RTOL
+    for name, g, w in zip(("hidden", "weights"), got[1], want[1]):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert rel(g, w) <= F32_RTOL, (name, rel(g, w))
+    _, dh, _ = float64_reference(hidden, table, targets, weights, softcap)
+    assert rel(np.asarray(got[1][0]).reshape(dh.shape), dh) <= F32_RTOL
+    excluded = np.asarray(weights).reshape(-1) == 0
+    assert np.all(np.asarray(got[1][0]).reshape(-1, hidden.shape[-1])[excluded] == 0)
+    # the two paths are one loss: d_hidden with the table differentiated equals d_hidden without
+    both = jax.grad(lambda h, e: L.cross_entropy_sum(h, e, targets, weights, chunk_size=chunk,
+                                                     softcap=softcap)[0], argnums=(0, 1))(hidden, table)
+    assert rel(got[1][0], both[0]) <= F32_RTOL
+
+
+def test_table_held_constant_computes_head_products_once():
+    """The held-table gradient runs two [T, D] x [chunk, D] products per chunk (logits, d_hidden), the
+    differentiated-table one four (logits, recomputed logits, d_hidden, d_table): counted in the HLO."""
+    hidden, table, targets, weights = problem(shape=(2, 8), v=512, d=32)
+    count = {}
+    for name, argnums in (("held", 0), ("both", (0, 1))):
+        g = jax.grad(lambda h, e: L.cross_entropy_sum(h, e, targets, weights, chunk_size=128)[0], argnums=argnums)
+        text = jax.jit(g).lower(hidden, table).as_text()
+        count[name] = text.count("dot_general")
+    assert count == {"held": 2, "both": 4}, count
+
+
 def test_mean_jit_remat_and_empty():
     hidden, table, targets, weights = problem(shape=(2, 9), v=500)
     mean = lambda h, e: L.cross_entropy(h, e, targets, weights, chunk_size=128)  # noqa: E731
@@ -122,6 +156,10 @@ def test_bf16():
     assert got[2][0].dtype == jnp.bfloat16 and got[2][1].dtype == jnp.bfloat16
     for name, g, w in zip(("hidden", "embedding"), got[2][:2], want[2][:2]):
         assert rel(g, w) <= BF16_GRAD_RTOL, (name, rel(g, w))
+    # the table held constant (the d_hidden-in-forward path): same bound
+    held = jax.grad(lambda h: L.cross_entropy_sum(h, eb, targets, weights, chunk_size=512)[0])(hb)
+    assert held.dtype == jnp.bfloat16
+    assert rel(held, want[2][0]) <= BF16_GRAD_RTOL, rel(held, want[2][0])
 
 
 def test_bad_inputs():

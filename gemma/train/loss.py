@@ -3,12 +3,15 @@
 With Gemma 3's 262,144-entry vocabulary the logits are the largest tensor of a training step
 (8 x 512 tokens x 262144 x 4 B = 4.3 GB in f32, and autodiff keeps their softmax as well).
 `cross_entropy_sum` never holds [tokens, V] logits: a custom_vjp whose forward loops over vocabulary
-chunks keeping a running max / sum of exponentials (an online logsumexp) and the target logit, and whose
-backward recomputes each chunk's logits from the saved logsumexp, accumulates d_hidden and writes
-d_embedding chunk by chunk. Peak memory is O(tokens x chunk_size), not O(tokens x V).
+chunks keeping a running max / sum of exponentials (an online logsumexp) and the target logit. Peak memory is O(tokens x chunk_size), not O(tokens x V).
 
 Gradients flow to the hidden states and to the table: full fine-tuning trains the table, LoRA trains
-neither but needs d_hidden to reach its adapters.
+neither but needs d_hidden to reach its adapters. When the table is not differentiated (LoRA, or any
+caller that holds it constant) the forward computes d_hidden itself, as flash attention computes its
+output: d_hidden = softmax(logits) @ table - table[target] is a softmax-weighted sum that the online
+logsumexp rescales chunk by chunk, so no chunk's logits are computed twice (two head-sized products in
+all instead of three). With the table differentiated, the backward recomputes each chunk's logits from
+the saved logsumexp, accumulates d_hidden and writes d_embedding chunk by chunk.
 
     total, count = cross_entropy_sum(hidden, model.embedder.embedding[...], targets, weights)
     loss = cross_entropy(hidden, embedding, targets, weights)        # total / max(count, 1)
@@ -93,37 +96,58 @@ def _chunked_ce(h, e, t, w, chunk, softcap):
     return _forward(h, e, t, w, chunk, softcap)[0]
 
 
-def _forward(h, e, t, w, chunk, softcap):
+def _forward(h, e, t, w, chunk, softcap, with_dh: bool = False):
+    """(total, residuals). with_dh: also the unscaled d_hidden, d CE_t / d h_t [T, D] f32, from
+    acc = sum_v exp(l_v - m) (dl_v / d raw_v) e_v rescaled with the running max m, as the output of
+    flash attention: d CE_t / d h_t = acc / s - (dl_target / d raw_target) e_target."""
     n_chunks = -(-e.shape[0] // chunk)
     tokens = h.shape[0]
+    compute = jnp.result_type(h.dtype, e.dtype)
 
     def body(i, carry):
-        m, s, tgt = carry
-        logits, _, _, rows, fresh = _chunk_logits(h, e, i, chunk, softcap)
+        m, s, tgt, acc = carry
+        logits, e_c, _, rows, fresh = _chunk_logits(h, e, i, chunk, softcap)
         logits = jnp.where(fresh[None, :], logits, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
-        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
+        p = jnp.exp(logits - m_new[:, None])
+        s = s * jnp.exp(m - m_new) + jnp.sum(p, axis=1)
         hit = (rows[None, :] == t[:, None]) & fresh[None, :]
         tgt = tgt + jnp.sum(jnp.where(hit, logits, 0.0), axis=1)
-        return m_new, s, tgt
+        if with_dh:
+            if softcap is not None:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2; 0 * (-inf) rows have p = 0
+                p = p * (1.0 - jnp.square(jnp.where(fresh[None, :], logits, 0.0) / softcap))
+            acc = acc * jnp.exp(m - m_new)[:, None] + jnp.einsum(
+                "TV,VD->TD", p.astype(compute), e_c.astype(compute), preferred_element_type=jnp.float32)
+        return m_new, s, tgt, acc
 
     init = (jnp.full((tokens,), -jnp.inf, jnp.float32), jnp.zeros((tokens,), jnp.float32),
-            jnp.zeros((tokens,), jnp.float32))
-    m, s, tgt = jax.lax.fori_loop(0, n_chunks, body, init)
+            jnp.zeros((tokens,), jnp.float32), jnp.zeros(h.shape if with_dh else (0,), jnp.float32))
+    m, s, tgt, acc = jax.lax.fori_loop(0, n_chunks, body, init)
     lse = m + jnp.log(s)
     ce = jnp.where(w != 0, lse - tgt, 0.0)  # excluded positions (any target) contribute exactly 0
-    return jnp.sum(w * ce), (h, e, t, w, lse, ce)
+    dh = None
+    if with_dh:
+        target_row = jnp.take(e, jnp.clip(t, 0, e.shape[0] - 1), axis=0).astype(jnp.float32)
+        cap_grad = 1.0 if softcap is None else (1.0 - jnp.square(tgt / softcap))[:, None]
+        dh = acc / s[:, None] - cap_grad * target_row
+    return jnp.sum(w * ce), (h, e, t, w, lse, ce, dh)
 
 
 def _fwd(h, e, t, w, chunk, softcap):
-    return _forward(h, e, t, w, chunk, softcap)
+    # symbolic zeros: `perturbed` says whether the table is differentiated; when it is not, the forward
+    # computes d_hidden and the backward only scales it
+    total, res = _forward(h.value, e.value, t.value, w.value, chunk, softcap, with_dh=not e.perturbed)
+    return total, res
 
 
 def _bwd(chunk, softcap, res, g):
-    h, e, t, w, lse, ce = res
+    h, e, t, w, lse, ce, dh = res
+    dw = (g * ce).astype(w.dtype)
+    scale = (g * w).astype(jnp.float32)  # [T]: d total / d CE_t
+    if dh is not None:  # the table is held constant: no cotangent for it
+        return (scale[:, None] * dh).astype(h.dtype), None, None, dw
     n_chunks = -(-e.shape[0] // chunk)
     compute = jnp.result_type(h.dtype, e.dtype)
-    scale = (g * w).astype(jnp.float32)  # [T]: d total / d CE_t
 
     def body(i, carry):
         dh, de = carry
@@ -142,11 +166,10 @@ def _bwd(chunk, softcap, res, g):
         return dh, de
 
     dh, de = jax.lax.fori_loop(0, n_chunks, body, (jnp.zeros(h.shape, jnp.float32), jnp.zeros_like(e)))
-    dw = (g * ce).astype(w.dtype)
     return dh.astype(h.dtype), de, None, dw
 
 
-_chunked_ce.defvjp(_fwd, _bwd)
+_chunked_ce.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
 def _check(hidden, embedding, targets, weights, chunk_size, softcap):
