@@ -1,0 +1,195 @@
+"""Reward models: the Gemma 3 decoder with a scalar head on the last real token, trained on preferences or entailment.
+
+    rm = RewardModel(Transformer(config, rngs=nnx.Rngs(0)))
+    scores = rm(tokens, input_mask)                        # f32 [B]: w . h_last + b
+    history = train(rm, batches, TrainConfig(steps=200, learning_rate=1e-3))   # Pairs or Labelled batches
+    accuracy(rm, held_out)                                 # P(r_chosen > r_rejected), or P((s > 0) == label)
+    r = entailment_reward(rm(tokens, mask))                # log P(entailed | document, summary)
+
+Losses: Bradley-Terry on preference pairs, -log sigmoid(r_chosen - r_rejected) (the reward-model loss of WARM,
+Ramé et al. 2024); the entailment cross-entropy on (document, summary, entailed) triples with the score as the
+logit of P(entailed) (a sigmoid; a two-logit softmax head is the same model with s = l_entailed - l_not), whose
+log-probability is Roit et al. 2023's reward at EOS. The step is gemma.train.trainer's accumulated_step with
+TrainConfig's optimizer (AdamW, warmup-cosine schedule, global-norm clipping); all parameters are trained.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemma.train.trainer import TrainConfig, _cast, accumulated_step
+from gemma.transformer import Transformer
+
+
+class Pairs(NamedTuple):
+    """Preference pairs: left- (or right-) padded token rows [B, T] with bool masks, chosen and rejected."""
+    chosen: np.ndarray
+    chosen_mask: np.ndarray
+    rejected: np.ndarray
+    rejected_mask: np.ndarray
+
+
+class Labelled(NamedTuple):
+    """Labelled rows (document <sep> summary): tokens [B, T], mask [B, T], labels [B] (1 entailed, 0 not)."""
+    tokens: np.ndarray
+    mask: np.ndarray
+    labels: np.ndarray
+
+
+class ScalarHead(nnx.Module):
+    """r = w . h + b on a [..., D] hidden state; w and b start at 0 (every reward 0 before training)."""
+
+    def __init__(self, d_model: int):
+        self.w = nnx.Param(jnp.zeros((d_model,), jnp.float32), logical_axes=("embed",))
+        self.b = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return jnp.einsum("...D,D->...", h.astype(jnp.float32), self.w[...]) + self.b[...]
+
+
+class RewardModel(nnx.Module):
+    def __init__(self, backbone: Transformer):
+        self.backbone = backbone
+        self.head = ScalarHead(backbone.config.d_model)
+
+    def score(self, tokens: jax.Array, input_mask: jax.Array, remat: str | None = None) -> jax.Array:
+        """Traceable: int [B, T], bool [B, T] -> f32 [B], the head on the final-normed hidden state of each
+        row's last real token."""
+        positions = jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0).astype(jnp.int32)
+        h = self.backbone.forward(tokens, positions, input_mask, return_hidden=True, remat=remat)
+        last = tokens.shape[1] - 1 - jnp.argmax(input_mask[:, ::-1], axis=1)
+        return self.head(h[jnp.arange(tokens.shape[0]), last])
+
+    def __call__(self, tokens, input_mask=None) -> jax.Array:
+        tokens, input_mask = _check_rows(tokens, input_mask, self.backbone.config.vocab_size)
+        graphdef, state = nnx.split(self)
+        return _jit_score(graphdef, state, tokens, input_mask)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_score(graphdef, state, tokens, input_mask):
+    return nnx.merge(graphdef, state).score(tokens, input_mask)
+
+
+# ---------------------------------------------------------------- losses
+
+
+def bradley_terry_loss(r_chosen: jax.Array, r_rejected: jax.Array) -> jax.Array:
+    """mean over pairs of -log sigmoid(r_chosen - r_rejected)."""
+    return jnp.mean(-jax.nn.log_sigmoid(r_chosen - r_rejected))
+
+
+def entailment_loss(scores: jax.Array, labels: jax.Array) -> jax.Array:
+    """mean binary cross-entropy of P(entailed) = sigmoid(score) against labels in {0, 1}."""
+    return jnp.mean(-(labels * jax.nn.log_sigmoid(scores) + (1 - labels) * jax.nn.log_sigmoid(-scores)))
+
+
+def entailment_reward(scores: jax.Array) -> jax.Array:
+    """Roit et al.'s reward: r = log P(entailed | document, summary) = log sigmoid(score), <= 0."""
+    return jax.nn.log_sigmoid(scores)
+
+
+def _loss_sum(graphdef, compute_dtype, remat, trainable, batch):
+    """(sum of the batch's losses, number of pairs or rows) for accumulated_step."""
+    model = nnx.merge(graphdef, _cast(trainable, compute_dtype))
+    model.backbone.dtype = jnp.dtype(compute_dtype)
+    if isinstance(batch, Pairs):
+        n = batch.chosen.shape[0]  # one forward over chosen and rejected rows together
+        both = model.score(jnp.concatenate([batch.chosen, batch.rejected]),
+                           jnp.concatenate([batch.chosen_mask, batch.rejected_mask]), remat)
+        return n * bradley_terry_loss(both[:n], both[n:]), jnp.float32(n)
+    n = batch.tokens.shape[0]
+    return n * entailment_loss(model.score(batch.tokens, batch.mask, remat), batch.labels), jnp.float32(n)
+
+
+# ---------------------------------------------------------------- training and evaluation
+
+
+def train(model: RewardModel, batches: Iterable, config: TrainConfig) -> list[dict[str, float]]:
+    """config.steps AdamW steps of the Bradley-Terry (Pairs) or entailment (Labelled) loss, one batch each, on
+    every parameter of `model` (updated in place). Returns each step's {"loss", "grad_norm"}."""
+    if not isinstance(model, RewardModel):
+        raise TypeError(f"train takes a RewardModel, got {type(model).__name__}")
+    if config.lora:
+        raise ValueError("reward-model training trains every parameter; give lora_rank=None")
+    graphdef, trainable = nnx.split(model, nnx.Param)
+    optimizer, step = _step(graphdef, config)
+    opt_state = optimizer.init(trainable)
+    history, it = [], iter(batches)
+    for i in range(config.steps):
+        try:
+            batch = _check_batch(next(it), model.backbone.config.vocab_size)
+        except StopIteration:
+            raise ValueError(f"batches ran out after {i} of config.steps={config.steps} steps") from None
+        trainable, opt_state, metrics = step(trainable, opt_state, jax.tree.map(lambda x: x[None], batch))
+        history.append(metrics)
+    nnx.update(model, trainable)
+    return [{"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])} for m in history]
+
+
+@functools.lru_cache(maxsize=16)
+def _step(graphdef, config: TrainConfig):
+    """(optimizer, jitted step) per model structure and settings: models of one structure (WARM's members)
+    share one compilation."""
+    optimizer = config.optimizer()
+    loss = functools.partial(_loss_sum, graphdef, config.compute_dtype, config.remat)
+    return optimizer, jax.jit(lambda t, o, b: accumulated_step(loss, optimizer, t, o, b), donate_argnums=(0, 1))
+
+
+def accuracy(model: RewardModel, batches: Iterable) -> float:
+    """Pairs: the share with r_chosen > r_rejected; Labelled: the share with (score > 0) == label."""
+    right = total = 0
+    for batch in batches:
+        batch = _check_batch(batch, model.backbone.config.vocab_size)
+        if isinstance(batch, Pairs):
+            hit = np.asarray(model(batch.chosen, batch.chosen_mask)) > np.asarray(model(batch.rejected,
+                                                                                        batch.rejected_mask))
+        else:
+            hit = (np.asarray(model(batch.tokens, batch.mask)) > 0) == (np.asarray(batch.labels) > 0.5)
+        right, total = right + int(hit.sum()), total + hit.size
+    if total == 0:
+        raise ValueError("accuracy needs at least one example")
+    return right / total
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def _check_rows(tokens, mask, vocab_size, name="tokens"):
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"{name} must be int [B, T], got {tokens.dtype} {tokens.shape}")
+    mask = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask)
+    if mask.shape != tokens.shape:
+        raise ValueError(f"the mask of {name} must have its shape {tokens.shape}, got {mask.shape}")
+    mask = mask.astype(bool)
+    if not mask.any(axis=1).all():
+        raise ValueError(f"row {int(np.argmin(mask.any(axis=1)))} of {name} has no real token")
+    used = tokens[mask]
+    if used.min() < 0 or used.max() >= vocab_size:
+        raise ValueError(f"{name} holds id {int(used.max() if used.max() >= vocab_size else used.min())}, "
+                         f"outside the vocabulary [0, {vocab_size})")
+    return jnp.asarray(tokens, jnp.int32), jnp.asarray(mask)
+
+
+def _check_batch(batch, vocab_size):
+    if isinstance(batch, Pairs):
+        c, cm = _check_rows(batch.chosen, batch.chosen_mask, vocab_size, "chosen")
+        r, rm = _check_rows(batch.rejected, batch.rejected_mask, vocab_size, "rejected")
+        if c.shape != r.shape:
+            raise ValueError(f"chosen and rejected rows must have one shape (pad them to one length), got "
+                             f"{c.shape} and {r.shape}")
+        return Pairs(c, cm, r, rm)
+    if isinstance(batch, Labelled):
+        t, m = _check_rows(batch.tokens, batch.mask, vocab_size)
+        labels = np.asarray(batch.labels, np.float32)
+        if labels.shape != (t.shape[0],) or not np.isin(labels, (0.0, 1.0)).all():
+            raise ValueError(f"labels must be [B] = [{t.shape[0]}] of 0 / 1, got shape {labels.shape}")
+        return Labelled(t, m, jnp.asarray(labels))
+    raise TypeError(f"a batch must be reward_model.Pairs or reward_model.Labelled, got {type(batch).__name__}")
