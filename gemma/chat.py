@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
-from gemma.cache import Cache, LayerCache
+from gemma.cache import Cache
 from gemma.sampler import Sampler, SamplingParams
 from gemma.tokenizer import Tokenizer
 from gemma.transformer import Transformer
@@ -221,6 +221,8 @@ def _moved(cache: Cache, bigger: Cache) -> Cache:
     """`bigger` (empty, more slots) holding `cache`'s keys and values. A position p below the old size
     has the same slot in both: p in a linear layer, p mod W in a ring (a linear local layer of the
     smaller cache has at most W slots, so there p < W too)."""
-    layers = tuple(LayerCache(new.k.at[:, :old.num_slots].set(old.k), new.v.at[:, :old.num_slots].set(old.v),
-                              new.ring) for old, new in zip(cache.layers, bigger.layers))
-    return Cache(layers, cache.length)
+    def moved(old, new):  # every array (k, v [B, S, K, H], int8 scales [B, S, K]); `ring` may differ
+        arrays = [n.at[:, :o.shape[1]].set(o) for n, o in zip(jax.tree.leaves(new), jax.tree.leaves(old))]
+        return jax.tree.unflatten(jax.tree.structure(new), arrays)
+
+    return Cache(tuple(moved(old, new) for old, new in zip(cache.layers, bigger.layers)), cache.length)

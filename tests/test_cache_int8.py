@@ -90,3 +90,21 @@ def test_real_270m_long_prompt_near_the_bf16_cache(model_270m, tokenizer_270m):
     bf16, int8 = runs[jnp.bfloat16], runs[jnp.int8]
     assert (bf16.argmax(-1) == int8.argmax(-1)).all()
     np.testing.assert_allclose(jax.nn.softmax(int8, -1), jax.nn.softmax(bf16, -1), atol=2e-2, rtol=0)
+
+
+def test_chat_cache_growth_keeps_the_int8_scales(tiny, tokenizer_270m):
+    """gemma.chat moves a full cache into a larger one; an int8 cache's scales move with its values."""
+    from gemma.chat import _moved
+
+    s8 = Sampler(tiny, tokenizer_270m, max_len=64, prefill_chunk=64, cache_dtype=jnp.int8)
+    ids = np.random.default_rng(1).integers(3, 256, size=12).tolist()
+    _, small = s8.prefill([ids], s8.new_cache(1, 16))
+    big = _moved(small, s8.new_cache(1, 64))
+    for old, new in zip(small.layers, big.layers):
+        n = old.num_slots
+        for a, b in ((old.k, new.k), (old.v, new.v), (old.k_scale, new.k_scale), (old.v_scale, new.v_scale)):
+            np.testing.assert_array_equal(np.asarray(b[:, :n]), np.asarray(a))
+        assert float(jnp.abs(new.k_scale).max()) > 0
+    want, _ = s8.prefill([[7]], s8.prefill([ids], s8.new_cache(1, 64))[1])
+    got, _ = s8.prefill([[7]], big)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-3, rtol=0)

@@ -275,3 +275,17 @@ def test_close_ends_unfinished_requests(tiny, tokenizer_270m):
     for g in gens:
         assert g.done and g.choices[0].finish_reason in ("error", "length")
     assert not any(t.name == "gemma-engine" and t.is_alive() for t in threading.enumerate() if t is engine._thread)
+
+
+def test_int8_kv_cache_greedy_equals_sampler_generate(tiny, tokenizer_270m):
+    """An int8 KV cache through the engine (its per-token scales installed into slots and carried through
+    the decode step's row prefix) gives Sampler.generate's greedy ids with the same int8 cache."""
+    rows = prompts(9, (4, 19, 10))
+    with Engine(tiny, tokenizer_270m, max_batch=4, max_len=128, prefill_chunk=8, max_wait_ms=2,
+                cache_dtype=jnp.int8) as engine:
+        assert engine._cache.layers[0].k_scale is not None
+        gens = [engine.submit(Request(tuple(r), max_tokens=8)) for r in rows]
+        got = [g.wait(120)[0].tokens for g in gens]
+        assert engine._cache.layers[0].k_scale is not None  # still carried after the steps
+    s8 = Sampler(tiny, tokenizer_270m, max_len=128, prefill_chunk=8, cache_dtype=jnp.int8)
+    assert got == [s8.generate(r, max_new_tokens=8).tokens for r in rows]

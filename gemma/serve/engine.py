@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gemma.cache import Cache, LayerCache
+from gemma.cache import Cache
 from gemma.config import VOCAB_SIZE
 from gemma.sampler import (IncrementalText, Sampler, SamplingParams, _bucket, check_max_len, feed,
                            ids_before, sample_rows)
@@ -534,8 +534,7 @@ class Engine:
 def _install(cache: Cache, logits: jax.Array, row: Cache, row_logits: jax.Array, slot: jax.Array):
     """`cache` and `logits` with row `slot` replaced by a prefilled batch-1 `row` and its last logits."""
     put = lambda big, one: jax.lax.dynamic_update_slice_in_dim(big, one.astype(big.dtype), slot, axis=0)
-    layers = tuple(LayerCache(put(b.k, r.k), put(b.v, r.v), b.ring) for b, r in zip(cache.layers, row.layers))
-    return Cache(layers, put(cache.length, row.length)), put(logits, row_logits)
+    return jax.tree.map(put, cache, row), put(logits, row_logits)  # every array: k, v, int8 scales, length
 
 
 @functools.partial(jax.jit, static_argnums=(0, 11), donate_argnums=(2, 3))
@@ -547,22 +546,26 @@ def _decode_step(graphdef, state, cache, logits, keys, counts, temperature, top_
     `rows` (static) slots are computed: the per-row inputs hold those; the rest of the cache is kept."""
     whole, whole_logits = cache, logits
     if rows < cache.batch_size:
-        cache = Cache(tuple(LayerCache(c.k[:rows], c.v[:rows], c.ring) for c in cache.layers), cache.length[:rows])
+        cache = jax.tree.map(lambda a: a[:rows], cache)  # every array, int8 scales included
         logits = logits[:rows]
     model = nnx.merge(graphdef, state)
     keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), counts)
     token = sample_rows(logits, keys, temperature, top_k, top_p)
-    logp = jax.nn.log_softmax(logits[:, :VOCAB_SIZE], axis=-1)
-    chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    # logprob = logit - logsumexp: one reduction pass, not a [rows, 262144] log_softmax written out
+    words = logits[:, :VOCAB_SIZE]
+    lse = jax.nn.logsumexp(words, axis=-1)
+    chosen = jnp.take_along_axis(words, token[:, None], axis=-1)[:, 0] - lse
     s = logits.shape[0]
+
+    def top():
+        values, ids = jax.lax.top_k(words, TOP_LOGPROBS)
+        return values - lse[:, None], ids
+
     top_values, top_ids = jax.lax.cond(
-        want_top, lambda: tuple(jax.lax.top_k(logp, TOP_LOGPROBS)),
-        lambda: (jnp.zeros((s, TOP_LOGPROBS), logp.dtype), jnp.zeros((s, TOP_LOGPROBS), jnp.int32)))
+        want_top, top, lambda: (jnp.zeros((s, TOP_LOGPROBS), words.dtype), jnp.zeros((s, TOP_LOGPROBS), jnp.int32)))
     logits, cache = feed(model, cache, token, ~active)
     if rows < whole.batch_size:
         put = lambda big, part: big.at[:rows].set(part)
-        cache = Cache(tuple(LayerCache(put(w.k, c.k), put(w.v, c.v), c.ring) for w, c in zip(whole.layers,
-                                                                                          cache.layers)),
-                      put(whole.length, cache.length))
+        cache = jax.tree.map(put, whole, cache)
         logits = put(whole_logits, logits)
     return token, chosen, top_values, top_ids, logits, cache
