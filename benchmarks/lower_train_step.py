@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/lower_train_step.py [--models 4b,12b,27b] [--mesh fsdp=64,tensor=4]
                                                    [--batch-size 64] [--seq-len 2048] [--lora-rank 8]
+                                                   [--scan-layers]
 
 For each text-only preset and each of full fine-tuning and LoRA (rank 8 on q k v o gate up down), the
 Trainer's own jitted step (gemma.train.trainer.abstract_step: the same _train_step, shardings and donation
@@ -79,11 +80,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--scan-layers", action="store_true", help="the blocks as a scan over their repeating group")
     a = p.parse_args(argv)
     mesh = abstract_mesh(a.mesh)
     devices = math.prod(mesh.axis_sizes)
     print(f"jax {jax.__version__}; abstract mesh {dict(zip(mesh.axis_names, mesh.axis_sizes))} = {devices} TPU "
-          f"devices; batch {a.batch_size} x {a.seq_len}, bf16 compute, remat full, f32 parameters, AdamW\n")
+          f"devices; batch {a.batch_size} x {a.seq_len}, bf16 compute, remat full, f32 parameters, AdamW"
+          f"{', scanned layers' if a.scan_layers else ''}\n")
     print("| model | mode | eval_shape + shardings s | trace s | lower s | params + opt, total GiB | per device MiB "
           "| total / devices MiB | ratio | held above even share |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
         cfg = MODELS[model.strip().lower()]().text_only()
         for mode in a.modes.split(","):
             tc = trainer.TrainConfig(steps=1000, batch_size=a.batch_size, seq_len=a.seq_len,
-                                     compute_dtype="bfloat16", remat="full",
+                                     compute_dtype="bfloat16", remat="full", scan_layers=a.scan_layers,
                                      lora_rank=a.lora_rank if mode == "lora" else None)
             r = lower(cfg, tc, mesh)
             ratio = r["per_device"] / r["even"]

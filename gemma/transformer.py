@@ -119,6 +119,42 @@ def rematerialized(block: Block, x, positions, k_start, k_end, lookahead: int = 
     return f(state, x, positions, k_start, k_end)
 
 
+def layer_period(layer_types) -> int:
+    """The shortest p with layer_types[i] == layer_types[i % p] for every i (6 for Gemma 3's 5 local : 1
+    global): the group of blocks that repeats."""
+    n = len(layer_types)
+    return next(p for p in range(1, n + 1) if all(layer_types[i] == layer_types[i % p] for i in range(n)))
+
+
+def scanned_blocks(blocks, x, call):
+    """x through `blocks` in order, `call(block, x)` each, as a jax.lax.scan over the repeating group of
+    blocks (layer_period of their types) with the groups' parameters stacked on a leading axis, so the
+    step traces and compiles one group whatever the depth; the last len % period blocks run unrolled.
+    Every block keeps its own parameters and module path (the stacked copies exist only inside the
+    step). Blocks whose structure differs within a group position (e.g. adapters on some layers only,
+    mixed quantized formats) run unrolled."""
+    period = layer_period([b.layer_type for b in blocks])
+    groups = len(blocks) // period
+    splits = [nnx.split(b) for b in blocks[:groups * period]]
+    graphdefs = [splits[j][0] for j in range(period)]
+    if groups < 2 or any(splits[g * period + j][0] != graphdefs[j] for g in range(groups) for j in range(period)):
+        for block in blocks:
+            x = call(block, x)
+        return x
+    stacked = tuple(jax.tree.map(lambda *leaves: jnp.stack(leaves), *(splits[g * period + j][1] for g in range(groups)))
+                    for j in range(period))
+
+    def group(x, states):
+        for graphdef, state in zip(graphdefs, states):
+            x = call(nnx.merge(graphdef, state), x)
+        return x, None
+
+    x, _ = jax.lax.scan(group, x, stacked)
+    for block in blocks[groups * period:]:
+        x = call(block, x)
+    return x
+
+
 def image_block_end(is_soft: jax.Array) -> jax.Array:
     """int [B, T]: for a soft token, the index of the last soft token of its contiguous block; else -1."""
     t = jnp.arange(is_soft.shape[1], dtype=jnp.int32)
@@ -166,13 +202,14 @@ class Transformer(nnx.Module):
         return merged.reshape(x.shape)
     def forward(self, tokens: jax.Array, positions: jax.Array, input_mask: jax.Array | None,
                 last_only: bool = False, return_hidden: bool = False, images: jax.Array | None = None,
-                segment_ids: jax.Array | None = None, remat: str | None = None) -> jax.Array:
+                segment_ids: jax.Array | None = None, remat: str | None = None, scan: bool = False) -> jax.Array:
         """Traceable forward: tokens, positions int [B, T], input_mask bool [B, T] -> f32 logits
         (or, with return_hidden, the final-normed hidden states [B, T, D] that the tied head reads).
         With `images`, soft tokens take the vision tower's output and attend bidirectionally per image.
         `segment_ids` int [B, T] (packed examples, 0 on padding) replaces input_mask: each example
         attends to itself only. `remat` (static): a REMAT_POLICIES name, recomputing each block in the
-        backward instead of keeping its activations."""
+        backward instead of keeping its activations. `scan` (static): run the blocks as scanned_blocks
+        does (compile time flat in depth; the same numbers)."""
         x = self.embed(tokens, images)
         block_end = None if images is None else image_block_end(tokens == self.config.image_token_id)
         windows = {b.sliding_window for b in self.layers}
@@ -188,8 +225,14 @@ class Transformer(nnx.Module):
             if remat not in REMAT_POLICIES:
                 raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)} or None")
             call = functools.partial(rematerialized, policy=remat)
-        for block in self.layers:
-            x = call(block, x, positions, *intervals[block.sliding_window], lookahead)
+        def run(block, x):
+            return call(block, x, positions, *intervals[block.sliding_window], lookahead)
+
+        if scan:
+            x = scanned_blocks(list(self.layers), x, run)
+        else:
+            for block in self.layers:
+                x = run(block, x)
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)

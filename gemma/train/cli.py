@@ -51,6 +51,9 @@ def training_flags(p: argparse.ArgumentParser, packing: bool) -> None:
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every K steps (and at the end)")
     p.add_argument("--eval-every", type=int, default=None, help="eval every K steps, at step 0 and at the end")
     p.add_argument("--remat", default=None, choices=["full", "dots"], help="recompute blocks in the backward")
+    p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=False,
+                   help="run the blocks as a scan over their repeating 5 local : 1 global group (compile time "
+                        "flat in depth, for the large models)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--seed", type=int, default=0)
 
@@ -66,7 +69,8 @@ def train_config(args):
     return TrainConfig(steps=args.steps or 1, batch_size=args.batch_size, seq_len=args.seq_len,
                        grad_accum=args.grad_accum, learning_rate=lr, warmup_steps=args.warmup_steps,
                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
-                       compute_dtype=dtype, remat=args.remat, seed=args.seed)
+                       compute_dtype=dtype, remat=args.remat, scan_layers=args.scan_layers,
+                       seed=args.seed)
 
 
 def _distributed() -> None:

@@ -87,22 +87,22 @@ def shared_vocab(student_config, teacher_config, student_tokenizer=None, teacher
     return vocab
 
 
-def _hidden(graphdef, states, batch, compute_dtype, remat, vocab):
+def _hidden(graphdef, states, batch, compute_dtype, remat, vocab, scan=False):
     model = nnx.merge(graphdef, *(_cast(s, compute_dtype) for s in states))
     model.dtype = jnp.dtype(compute_dtype)
     h = model.forward(batch.inputs, batch.positions, None, return_hidden=True, segment_ids=batch.segment_ids,
-                      remat=remat)
+                      remat=remat, scan=scan)
     return h, model.embedder.embedding[...][:vocab], model.config.final_logit_softcap
 
 
 def distill_sums(graphdef, teacher_graphdef, compute_dtype, remat, chunk, dc: DistillConfig, vocab,
-                 trainable, frozen, teacher, batch):
+                 trainable, frozen, teacher, batch, scan=False):
     """(sum of weighted token divergences, sum of weights) of one micro-batch."""
-    h, table, cap = _hidden(graphdef, (trainable, frozen), batch, compute_dtype, remat, vocab)
+    h, table, cap = _hidden(graphdef, (trainable, frozen), batch, compute_dtype, remat, vocab, scan)
     if isinstance(batch, TargetBatch):
         return sparse_cross_entropy_sum(h, table, batch.target_ids, batch.target_probs, batch.weights,
                                         temperature=dc.temperature, chunk_size=chunk, softcap=cap)
-    th, t_table, t_cap = _hidden(teacher_graphdef, (teacher,), batch, compute_dtype, None, vocab)
+    th, t_table, t_cap = _hidden(teacher_graphdef, (teacher,), batch, compute_dtype, None, vocab, scan)
     return generalized_jsd_sum(h, table, th, t_table, batch.weights, beta=dc.beta, temperature=dc.temperature,
                                chunk_size=chunk, softcap=cap, teacher_softcap=t_cap)
 
@@ -111,7 +111,8 @@ def _step(graphdef, teacher_graphdef, optimizer, c: TrainConfig, dc, vocab, trai
           batches):
     loss = functools.partial(distill_sums, graphdef, teacher_graphdef, c.compute_dtype, c.remat, c.loss_chunk, dc,
                              vocab)
-    return accumulated_step(lambda t, b: loss(t, frozen, teacher, b), optimizer, trainable, opt_state, batches)
+    return accumulated_step(lambda t, b: loss(t, frozen, teacher, b, c.scan_layers), optimizer, trainable, opt_state,
+                            batches)
 
 
 class DistillTrainer(Trainer):

@@ -47,6 +47,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     compute_dtype: str = "float32"
     remat: str | None = None  # a gemma.transformer.REMAT_POLICIES name
+    scan_layers: bool = False  # the blocks as a scan over their repeating group: compile time flat in depth
     loss_chunk: int = 16384  # vocabulary chunk of the cross-entropy
     seed: int = 0
 
@@ -95,20 +96,20 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def loss_sums(graphdef, trainable, frozen, batch, compute_dtype, remat, chunk):
+def loss_sums(graphdef, trainable, frozen, batch, compute_dtype, remat, chunk, scan=False):
     """(sum of weighted token cross-entropies, sum of weights) of one micro-batch (a data.Batch of arrays)."""
     model = nnx.merge(graphdef, _cast(trainable, compute_dtype), _cast(frozen, compute_dtype))
     model.dtype = jnp.dtype(compute_dtype)
     hidden = model.forward(batch.inputs, batch.positions, None, return_hidden=True, segment_ids=batch.segment_ids,
-                           remat=remat)
+                           remat=remat, scan=scan)
     return cross_entropy_sum(hidden, model.embedder.embedding[...], batch.targets, batch.weights,
                              chunk_size=chunk, softcap=model.config.final_logit_softcap)
 
 
-def _train_step(graphdef, optimizer, compute_dtype, remat, chunk, trainable, frozen, opt_state, batches):
+def _train_step(graphdef, optimizer, compute_dtype, remat, chunk, scan, trainable, frozen, opt_state, batches):
     """One optimizer step over micro-batches stacked on a leading axis [k, B, L]."""
-    return accumulated_step(lambda t, b: loss_sums(graphdef, t, frozen, b, compute_dtype, remat, chunk), optimizer,
-                            trainable, opt_state, batches)
+    return accumulated_step(lambda t, b: loss_sums(graphdef, t, frozen, b, compute_dtype, remat, chunk, scan),
+                            optimizer, trainable, opt_state, batches)
 
 
 def accumulated_step(loss, optimizer, trainable, opt_state, batches):
@@ -128,8 +129,8 @@ def accumulated_step(loss, optimizer, trainable, opt_state, batches):
                                   "grad_norm": optax.tree.norm(grads)}
 
 
-def _eval_step(graphdef, compute_dtype, chunk, trainable, frozen, batch):
-    return loss_sums(graphdef, trainable, frozen, batch, compute_dtype, None, chunk)
+def _eval_step(graphdef, compute_dtype, chunk, scan, trainable, frozen, batch):
+    return loss_sums(graphdef, trainable, frozen, batch, compute_dtype, None, chunk, scan)
 
 
 def _trainable_type(config: TrainConfig):
@@ -157,7 +158,8 @@ def _jit_step(graphdef, optimizer, config: TrainConfig, mesh, trainable_sharding
     """The jitted _train_step: (trainable, frozen, opt_state, batches [k, B, L]) -> (trainable, opt_state,
     metrics), trainable and optimizer state donated."""
     return jax.jit(
-        functools.partial(_train_step, graphdef, optimizer, config.compute_dtype, config.remat, config.loss_chunk),
+        functools.partial(_train_step, graphdef, optimizer, config.compute_dtype, config.remat, config.loss_chunk,
+                          config.scan_layers),
         in_shardings=(trainable_shardings, frozen_shardings, opt_shardings, _micro_sharding(mesh)),
         out_shardings=(trainable_shardings, opt_shardings, None), donate_argnums=(0, 2))
 
@@ -222,7 +224,8 @@ class Trainer:
         self._batch = sharding.batch_sharding(self.mesh)
         self._step = _jit_step(self.graphdef, self.optimizer, config, self.mesh, self.trainable_shardings,
                                self.frozen_shardings, self.opt_shardings)
-        self._eval = jax.jit(functools.partial(_eval_step, self.graphdef, config.compute_dtype, config.loss_chunk),
+        self._eval = jax.jit(functools.partial(_eval_step, self.graphdef, config.compute_dtype, config.loss_chunk,
+                                               config.scan_layers),
                              in_shardings=(self.trainable_shardings, self.frozen_shardings, self._batch))
 
     # ----------------------------------------------------------------------------------- steps
