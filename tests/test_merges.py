@@ -1,5 +1,7 @@
 """WARP's merges (EMA anchor, SLERP of task vectors, LITI) and WARM's average: exact algebraic properties."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,13 +26,18 @@ def _close(a, b, **kw):
                  a, b)
 
 
+@functools.cache
+def _model_state():
+    """The parameter State of a tiny model, abstract (shapes only: building it for real costs seconds)."""
+    cfg = config.tiny(num_layers=1, layer_types=("local",), d_model=16, hidden_dim=32, head_dim=8, num_heads=2,
+                      num_kv_heads=1, vocab_size=64)
+    return nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+
+
 def _state(seed):
-    """A tiny model's parameters, every tensor (norm scales too) distinct per seed."""
-    model = Transformer(config.tiny(num_layers=1, layer_types=("local",), d_model=16, hidden_dim=32, head_dim=8,
-                                    num_heads=2, num_kv_heads=1, vocab_size=64), rngs=nnx.Rngs(seed))
-    state = nnx.state(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(100 + seed), len(jax.tree.leaves(state))))
-    return jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), state)
+    """Random values of every tensor of the tiny model's parameter State, distinct per seed."""
+    rng = np.random.default_rng(100 + seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), _model_state())
 
 
 def test_ema_fixed_point_and_formula():
@@ -86,8 +93,8 @@ def test_liti_and_average():
     init, p = _tree(0), _tree(1)
     _close(merges.interpolate_toward_init(init, p, 0.0), init, rtol=0, atol=0)
     _close(merges.interpolate_toward_init(init, p, 1.0), p, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(merges.interpolate_toward_init(init, p, 0.3)["w"], init["w"] + 0.3 * (p["w"] - init["w"]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(merges.interpolate_toward_init(init, p, 0.3)["w"],
+                               init["w"] + 0.3 * (p["w"] - init["w"]), rtol=1e-6)
     _close(merges.average([p, p, p]), p, rtol=1e-6, atol=0)
     a, b, c = _tree(0), _tree(1), _tree(2)
     np.testing.assert_allclose(merges.average([a, b, c])["w"], (a["w"] + b["w"] + c["w"]) / 3, rtol=1e-6)

@@ -65,22 +65,22 @@ def slerp(init, policies: Sequence, t: float):
         raise ValueError(f"slerp merges two policies, got {len(policies)} (merge more by repeated slerps)")
     _unit("t", t)
 
-    def per_tensor(i, p1, p2):
-        d1, d2 = (p1 - i).ravel(), (p2 - i).ravel()
-        n1, n2 = jnp.linalg.norm(d1), jnp.linalg.norm(d2)
-        cos = jnp.clip(jnp.dot(d1, d2) / jnp.maximum(n1 * n2, 1e-30), -1.0, 1.0)
-        omega = jnp.arccos(cos)
-        sin = jnp.sin(omega)
-        parallel = (sin < PARALLEL_EPS) | (n1 == 0) | (n2 == 0)
-        safe = jnp.where(parallel, 1.0, sin)
-        c1 = jnp.where(parallel, 1 - t, jnp.sin((1 - t) * omega) / safe)
-        c2 = jnp.where(parallel, t, jnp.sin(t * omega) / safe)
-        return i + (c1 * d1 + c2 * d2).reshape(i.shape)
-
-    return _map(per_tensor, init, *policies)
+    return _map(lambda i, p1, p2: _slerp_tensor(i, p1, p2, jnp.float32(t)), init, *policies)
 
 
 # ---------------------------------------------------------------- helpers
+@jax.jit
+def _slerp_tensor(i, p1, p2, t):
+    d1, d2 = (p1 - i).ravel(), (p2 - i).ravel()
+    n1, n2 = jnp.linalg.norm(d1), jnp.linalg.norm(d2)
+    omega = jnp.arccos(jnp.clip(jnp.dot(d1, d2) / jnp.maximum(n1 * n2, 1e-30), -1.0, 1.0))
+    sin = jnp.sin(omega)
+    parallel = (sin < PARALLEL_EPS) | (n1 == 0) | (n2 == 0)
+    safe = jnp.where(parallel, 1.0, sin)
+    c1 = jnp.where(parallel, 1 - t, jnp.sin((1 - t) * omega) / safe)
+    c2 = jnp.where(parallel, t, jnp.sin(t * omega) / safe)
+    return i + (c1 * d1 + c2 * d2).reshape(i.shape)
+
 
 
 def _unit(name, x):
