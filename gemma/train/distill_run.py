@@ -13,16 +13,12 @@ DIR/targets (gemma.train.distill_targets) and the student trains on them (lmbda 
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import time
 from typing import Any
 
 import jax
-import numpy as np
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from gemma.train import data as data_lib
@@ -90,17 +86,8 @@ def distill(student, teacher, tokenizer, data_path: str, output: str, *, config:
     if log is not None:
         log(f"{data_path}: {counts['examples']} examples, {counts['loss_tokens']} response tokens; "
             f"{counts['truncated']} truncated and {counts['dropped']} dropped at --seq-len {config.seq_len}")
-    if epochs is not None:
-        if not epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {epochs!r}")
-        per_epoch = data_lib.steps_per_epoch(examples, config.batch_size, config.seq_len, config.seed,
-                                             targets is not None)
-        config = dataclasses.replace(config, steps=max(1, math.ceil(epochs * per_epoch / config.grad_accum)))
-    primary = jax.process_index() == 0
-    if primary:
-        os.makedirs(output, exist_ok=True)
-        with open(os.path.join(output, run_lib.RUN_FILE), "w") as f:
-            json.dump({**identity, "steps": config.steps, "counts": counts}, f, indent=1)
+    config = run_lib.steps_for_epochs(config, epochs, examples, targets is not None)
+    primary = run_lib.write_run_file(output, identity, config, counts)
 
     trainer = DistillTrainer(student, teacher, tokenizer, config, distill, mesh, teacher_tokenizer=teacher_tokenizer)
     batch_fn = None
@@ -125,32 +112,14 @@ def distill(student, teacher, tokenizer, data_path: str, output: str, *, config:
     it = data_lib.make_iterator(examples, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed,
                                 packing=targets is not None, shard_index=jax.process_index(),
                                 shard_count=jax.process_count(), batch_fn=batch_fn)
-    manager = ocp.CheckpointManager(
-        os.path.join(output, "checkpoints"), item_names=("params", "opt_state", "meta"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                             cleanup_tmp_directories=True))
-    best = ocp.CheckpointManager(
-        os.path.join(output, "best"), item_names=("params",),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["eval_loss"], best_mode="min",
-                                             enable_async_checkpointing=False, cleanup_tmp_directories=True))
-    start = manager.latest_step() or 0
-    if start:
-        restored = manager.restore(start, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(run_lib._abstract(trainer.trainable)),
-            opt_state=ocp.args.StandardRestore(run_lib._abstract(trainer.opt_state)),
-            meta=ocp.args.JsonRestore()))
-        trainer.trainable, trainer.opt_state = restored.params, restored.opt_state
-        trainer.step_count = start
-        it.set_state(restored.meta["data"])
+    manager, best = run_lib.open_checkpoints(output, keep)
+    start, _ = run_lib.restore(manager, trainer, it)
     metrics = run_lib._Metrics(os.path.join(output, run_lib.METRICS_FILE), start)
 
     def run_eval(step: int) -> None:
         if eval_examples is None or metrics.has_eval(step):
             return
-        loss = run_lib.evaluate(trainer, eval_examples, False)
-        metrics.write({"step": step, "eval_loss": loss})
-        best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(trainer.trainable)),
-                  metrics={"eval_loss": loss})
+        run_lib.record_eval(trainer, best, metrics, step, run_lib.evaluate(trainer, eval_examples, False))
 
     if start == 0 and eval_every is not None:
         run_eval(0)
@@ -168,20 +137,7 @@ def distill(student, teacher, tokenizer, data_path: str, output: str, *, config:
         if eval_examples is not None and (final or (eval_every is not None and step % eval_every == 0)):
             run_eval(step)
         if (save_every is not None and step % save_every == 0) or final:
-            manager.save(step, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(trainer.trainable), opt_state=ocp.args.StandardSave(trainer.opt_state),
-                meta=ocp.args.JsonSave({"step": step, "data": it.get_state()})))
+            run_lib.save(manager, step, trainer, {"step": step, "data": it.get_state()})
     bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    best.close()
-    metrics.close()
-    result = trainer.merged_model()
-    if primary:
-        import checkpoints
-
-        checkpoints.save(result, output, tokenizer=tokenizer)
-    evals = [r["eval_loss"] for r in metrics.records if "eval_loss" in r]
-    losses = [r["loss"] for r in metrics.records if "loss" in r]
-    return {"step": config.steps, "loss": losses[-1] if losses else None,
-            "eval_loss": evals[-1] if evals else None, "path": output, "model": result}
+    run_lib.close(manager, best, metrics)
+    return run_lib.save_result(trainer, tokenizer, output, metrics, primary)

@@ -150,51 +150,24 @@ def finetune(model, tokenizer, data_path: str, output: str, *, config: TrainConf
     if log is not None:
         log(f"{data_path}: {counts['examples']} examples, {counts['tokens']} tokens ({counts['loss_tokens']} in the "
             f"loss); {counts['truncated']} truncated and {counts['dropped']} dropped at --seq-len {config.seq_len}")
-    if epochs is not None:
-        if not epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {epochs!r}")
-        per_epoch = data_lib.steps_per_epoch(examples, config.batch_size, config.seq_len, config.seed, packing)
-        config = dataclasses.replace(config, steps=max(1, math.ceil(epochs * per_epoch / config.grad_accum)))
-
-    primary = jax.process_index() == 0
-    if primary:
-        os.makedirs(output, exist_ok=True)
-        with open(os.path.join(output, RUN_FILE), "w") as f:
-            json.dump({**identity, "steps": config.steps, "counts": counts}, f, indent=1)
+    config = steps_for_epochs(config, epochs, examples, packing)
+    primary = write_run_file(output, identity, config, counts)
 
     trainer = Trainer(model, config, mesh)
     it = data_lib.make_iterator(examples, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed,
                                 packing=packing, shard_index=jax.process_index(),
                                 shard_count=jax.process_count())
-    manager = ocp.CheckpointManager(
-        os.path.join(output, "checkpoints"), item_names=("params", "opt_state", "meta"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                             cleanup_tmp_directories=True))
-    best = ocp.CheckpointManager(
-        os.path.join(output, "best"), item_names=("params",),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["eval_loss"], best_mode="min",
-                                             enable_async_checkpointing=False, cleanup_tmp_directories=True))
+    manager, best = open_checkpoints(output, keep)
     rng = np.asarray(jax.random.key_data(jax.random.key(config.seed))).tolist()
-    start = manager.latest_step() or 0
-    if start:
-        restored = manager.restore(start, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(trainer.trainable)),
-            opt_state=ocp.args.StandardRestore(_abstract(trainer.opt_state)),
-            meta=ocp.args.JsonRestore()))
-        trainer.trainable, trainer.opt_state = restored.params, restored.opt_state
-        trainer.step_count = start
-        it.set_state(restored.meta["data"])
-        rng = restored.meta["rng"]
+    start, meta = restore(manager, trainer, it)
+    if meta is not None:
+        rng = meta["rng"]
     metrics = _Metrics(os.path.join(output, METRICS_FILE), start)
 
     def run_eval(step: int) -> float | None:
         if eval_examples is None or metrics.has_eval(step):
             return None
-        loss = evaluate(trainer, eval_examples, packing)
-        metrics.write({"step": step, "eval_loss": loss})
-        best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(trainer.trainable)),
-                  metrics={"eval_loss": loss})
-        return loss
+        return record_eval(trainer, best, metrics, step, evaluate(trainer, eval_examples, packing))
 
     if start == 0 and eval_every is not None:
         run_eval(0)
@@ -217,18 +190,91 @@ def finetune(model, tokenizer, data_path: str, output: str, *, config: TrainConf
         elif final and eval_examples is not None:
             run_eval(step)
         if (save_every is not None and step % save_every == 0) or final:
-            manager.save(step, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(trainer.trainable), opt_state=ocp.args.StandardSave(trainer.opt_state),
-                meta=ocp.args.JsonSave({"step": step, "data": it.get_state(), "rng": rng})))
+            save(manager, step, trainer, {"step": step, "data": it.get_state(), "rng": rng})
     bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    best.close()
-    metrics.close()
+    close(manager, best, metrics)
     if primary and config.lora:
         from gemma.train import export
 
         export.save_peft(trainer.model(), os.path.join(output, "adapter"), base_model=model_source or None)
+    return save_result(trainer, tokenizer, output, metrics, primary)
+
+
+# ---------------------------------------------------------------- the pieces every run directory shares
+
+def steps_for_epochs(config: TrainConfig, epochs: float | None, examples, packing: bool) -> TrainConfig:
+    """config, or with `epochs` config with as many steps as that many passes over `examples` take."""
+    if epochs is None:
+        return config
+    if not epochs > 0:
+        raise ValueError(f"epochs must be > 0, got {epochs!r}")
+    per_epoch = data_lib.steps_per_epoch(examples, config.batch_size, config.seq_len, config.seed, packing)
+    return dataclasses.replace(config, steps=max(1, math.ceil(epochs * per_epoch / config.grad_accum)))
+
+
+def write_run_file(output: str, identity: dict, config: TrainConfig, counts: dict) -> bool:
+    """Writes DIR/run.json from process 0; returns whether this is process 0."""
+    primary = jax.process_index() == 0
+    if primary:
+        os.makedirs(output, exist_ok=True)
+        with open(os.path.join(output, RUN_FILE), "w") as f:
+            json.dump({**identity, "steps": config.steps, "counts": counts}, f, indent=1)
+    return primary
+
+
+def open_checkpoints(output: str, keep: int):
+    """(DIR/checkpoints: the last `keep` steps, async; DIR/best: the parameters of the lowest eval loss)."""
+    manager = ocp.CheckpointManager(
+        os.path.join(output, "checkpoints"), item_names=("params", "opt_state", "meta"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                             cleanup_tmp_directories=True))
+    best = ocp.CheckpointManager(
+        os.path.join(output, "best"), item_names=("params",),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["eval_loss"], best_mode="min",
+                                             enable_async_checkpointing=False, cleanup_tmp_directories=True))
+    return manager, best
+
+
+def restore(manager, trainer: Trainer, it) -> tuple[int, dict | None]:
+    """(step, meta) of the newest complete checkpoint, its parameters, optimizer state and data position
+    put into `trainer` and `it` (resharded onto the trainer's mesh); (0, None) when there is none."""
+    start = manager.latest_step() or 0
+    if not start:
+        return 0, None
+    restored = manager.restore(start, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(trainer.trainable)),
+        opt_state=ocp.args.StandardRestore(_abstract(trainer.opt_state)),
+        meta=ocp.args.JsonRestore()))
+    trainer.trainable, trainer.opt_state = restored.params, restored.opt_state
+    trainer.step_count = start
+    it.set_state(restored.meta["data"])
+    return start, restored.meta
+
+
+def save(manager, step: int, trainer: Trainer, meta: dict) -> None:
+    """An asynchronous checkpoint of the trainer's parameters and optimizer state, with `meta` (JSON)."""
+    manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(trainer.trainable), opt_state=ocp.args.StandardSave(trainer.opt_state),
+        meta=ocp.args.JsonSave(meta)))
+
+
+def record_eval(trainer: Trainer, best, metrics, step: int, loss: float) -> float:
+    """Writes an eval line to metrics.jsonl and offers the parameters to DIR/best."""
+    metrics.write({"step": step, "eval_loss": loss})
+    best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(trainer.trainable)),
+              metrics={"eval_loss": loss})
+    return loss
+
+
+def close(manager, best, metrics) -> None:
+    manager.wait_until_finished()
+    manager.close()
+    best.close()
+    metrics.close()
+
+
+def save_result(trainer: Trainer, tokenizer, output: str, metrics, primary: bool) -> dict[str, Any]:
+    """Writes the merged model and tokenizer to `output` (process 0); returns the run's summary."""
     result = trainer.merged_model()
     if primary:
         import checkpoints
@@ -236,7 +282,7 @@ def finetune(model, tokenizer, data_path: str, output: str, *, config: TrainConf
         checkpoints.save(result, output, tokenizer=tokenizer)
     evals = [r["eval_loss"] for r in metrics.records if "eval_loss" in r]
     losses = [r["loss"] for r in metrics.records if "loss" in r]
-    return {"step": config.steps, "loss": losses[-1] if losses else None,
+    return {"step": trainer.config.steps, "loss": losses[-1] if losses else None,
             "eval_loss": evals[-1] if evals else None, "path": output, "model": result}
 
 
