@@ -28,8 +28,8 @@ SOURCE = os.path.join(os.path.dirname(__file__), "cpu_dense.cc")
 # [262144, 640] head f32 20.3 / 19.3 against 19.9 / 10.6. Above 8 rows the kernels take groups of 8;
 # `--step` (the real 270M's decode step, RESULTS.md): the kernels win through 32 rows (the most
 # measured) for bf16 weights and through 16 for f32; at 32 f32 rows XLA's GEMM path ties them.
-MAX_ROWS = 32  # the most rows any weight dtype sends here (per dtype: _MAX_ROWS)
-_MAX_ROWS = {jnp.dtype(jnp.float32): 16, jnp.dtype(jnp.bfloat16): 32}
+_MAX_ROWS = {jnp.dtype(jnp.float32): 16, jnp.dtype(jnp.bfloat16): 32}  # per weight dtype
+MAX_ROWS = max(_MAX_ROWS.values())  # the most rows any weight dtype sends here
 
 
 @functools.cache
@@ -51,7 +51,7 @@ def available() -> bool:
 def usable(x: jax.Array, w: jax.Array, rows: int) -> bool:
     """Whether dense() serves this product: f32 (<= 16 rows) or bf16 (<= 32 rows) weights, CPU backend, kernels
     built."""
-    return (rows <= min(MAX_ROWS, _MAX_ROWS.get(jnp.dtype(w.dtype), 0)) and jax.default_backend() == "cpu"
+    return (rows <= _MAX_ROWS.get(jnp.dtype(w.dtype), 0) and jax.default_backend() == "cpu"
             and available())
 
 

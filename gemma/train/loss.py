@@ -3,7 +3,8 @@
 With Gemma 3's 262,144-entry vocabulary the logits are the largest tensor of a training step
 (8 x 512 tokens x 262144 x 4 B = 4.3 GB in f32, and autodiff keeps their softmax as well).
 `cross_entropy_sum` never holds [tokens, V] logits: a custom_vjp whose forward loops over vocabulary
-chunks keeping a running max / sum of exponentials (an online logsumexp) and the target logit. Peak memory is O(tokens x chunk_size), not O(tokens x V).
+chunks keeping a running max / sum of exponentials (an online logsumexp) and the target logit. Peak
+memory is O(tokens x chunk_size), not O(tokens x V).
 
 Gradients flow to the hidden states and to the table: full fine-tuning trains the table, LoRA trains
 neither but needs d_hidden to reach its adapters. When the table is not differentiated (LoRA, or any
@@ -110,13 +111,14 @@ def _forward(h, e, t, w, chunk, softcap, with_dh: bool = False):
         logits = jnp.where(fresh[None, :], logits, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
         p = jnp.exp(logits - m_new[:, None])
-        s = s * jnp.exp(m - m_new) + jnp.sum(p, axis=1)
+        rescale = jnp.exp(m - m_new)
+        s = s * rescale + jnp.sum(p, axis=1)
         hit = (rows[None, :] == t[:, None]) & fresh[None, :]
         tgt = tgt + jnp.sum(jnp.where(hit, logits, 0.0), axis=1)
         if with_dh:
             if softcap is not None:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2; 0 * (-inf) rows have p = 0
                 p = p * (1.0 - jnp.square(jnp.where(fresh[None, :], logits, 0.0) / softcap))
-            acc = acc * jnp.exp(m - m_new)[:, None] + jnp.einsum(
+            acc = acc * rescale[:, None] + jnp.einsum(
                 "TV,VD->TD", p.astype(compute), e_c.astype(compute), preferred_element_type=jnp.float32)
         return m_new, s, tgt, acc
 
@@ -136,8 +138,7 @@ def _forward(h, e, t, w, chunk, softcap, with_dh: bool = False):
 def _fwd(h, e, t, w, chunk, softcap):
     # symbolic zeros: `perturbed` says whether the table is differentiated; when it is not, the forward
     # computes d_hidden and the backward only scales it
-    total, res = _forward(h.value, e.value, t.value, w.value, chunk, softcap, with_dh=not e.perturbed)
-    return total, res
+    return _forward(h.value, e.value, t.value, w.value, chunk, softcap, with_dh=not e.perturbed)
 
 
 def _bwd(chunk, softcap, res, g):
