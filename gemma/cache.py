@@ -34,6 +34,17 @@ def dequantize_int8(q: jax.Array, scale: jax.Array) -> jax.Array:
     return q.astype(jnp.float32) * scale[..., None]
 
 
+def _scatter(dst: jax.Array, rows: jax.Array, slots: jax.Array, x: jax.Array) -> jax.Array:
+    """dst.at[rows, slots].set(x, mode="drop") (slots == S: dropped). On CPU through kernels.cpu_decode.write,
+    in place: XLA:CPU widens a bf16 scatter to f32, converting the whole cache there and back on every
+    write (most of the 270M's 16-row bf16 decode step over a 512-slot cache)."""
+    from kernels import cpu_decode
+
+    if cpu_decode.usable():
+        return cpu_decode.write(dst, x, jnp.broadcast_to(slots, x.shape[:2]))
+    return dst.at[rows, slots].set(x, mode="drop")
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "k_scale", "v_scale"],
                    meta_fields=["ring"])
 @dataclasses.dataclass
@@ -99,7 +110,7 @@ class LayerCache:
             slots = positions
         slots = jnp.where(keep, slots, s)  # index s is out of range: dropped
         rows = jnp.arange(k.shape[0])[:, None]
-        put = lambda dst, x: dst.at[rows, slots].set(x.astype(dst.dtype), mode="drop")
+        put = lambda dst, x: _scatter(dst, rows, slots, x.astype(dst.dtype))
         if self.quantized:
             (qk, sk), (qv, sv) = quantize_int8(k), quantize_int8(v)
             return LayerCache(put(self.k, qk), put(self.v, qv), self.ring, put(self.k_scale, sk),
@@ -172,17 +183,17 @@ def ring_snapshot(cache: Cache, positions: jax.Array) -> tuple:
 
 def rollback(cache: Cache, snapshot: tuple, positions: jax.Array, length: jax.Array) -> Cache:
     """The cache after a chunk at `positions` [B, T] was written, cut back to `length` [B] tokens: ring
-    slots of positions >= length get their snapshot back (linear slots past `length` are never read)."""
+    slots of positions >= length get their snapshot back (linear slots past `length` are never read; padding
+    positions, negative, are left alone)."""
     rows = jnp.arange(positions.shape[0])[:, None]
     undo = positions >= length[:, None]
     layers = []
     for c, saved in zip(cache.layers, snapshot):
         if c.ring:
-            slots = positions % c.num_slots
+            slots = jnp.where(undo, positions % c.num_slots, c.num_slots)  # the rest dropped (out of range)
             arrays = [(a, s) for a, s in zip((c.k, c.v, c.k_scale, c.v_scale),
                                               (saved.k, saved.v, saved.k_scale, saved.v_scale)) if a is not None]
-            put = [a.at[rows, slots].set(jnp.where(undo.reshape(undo.shape + (1,) * (s.ndim - 2)), s, a[rows, slots]))
-                   for a, s in arrays]
+            put = [a.at[rows, slots].set(s, mode="drop") for a, s in arrays]
             c = LayerCache(put[0], put[1], True, *put[2:])
         layers.append(c)
     return Cache(tuple(layers), length)

@@ -1,21 +1,22 @@
 """Speculative decoding with prompt-lookup drafts: n-grams copied from the context, checked by the target
-in one extend over the compact cache.
+in one extend over the compact cache, the whole draft-verify loop one jitted `lax.while_loop` on device.
 
-Each step feeds [last, d1 .. dk] (last: the newest token, not yet in the cache; d: the draft) in one
-chunk, so the target's weights are read once for up to k + 1 tokens. Greedy: the longest draft prefix
-equal to the target's argmaxes is kept, plus the target's own next token, so the ids are the target's
-alone. Sampled: each draft token d_i is kept with probability p_i(d_i) (the draft is a point mass), and
-the first rejected one is replaced by a draw from p_i without d_i, renormalized; a fully kept draft
-adds a draw from p_k. That is rejection sampling (Leviathan et al. 2023; Chen et al. 2023): every
-emitted token is distributed as the target's. Ring slots the rejected tokens overwrote are restored
-(gemma.cache.ring_snapshot / rollback); the cache length is cut back to the kept tokens.
+Each pass feeds [last, d1 .. dm] (last: the newest token, not yet in the cache; d: the draft, m <= k,
+the chunk right-padded to k + 1 with position -1, which writes nothing) in one chunk, so the target's
+weights are read once for up to k + 1 tokens. Greedy: the longest draft prefix equal to the target's
+argmaxes is kept, plus the target's own next token, so the ids are the target's alone. Sampled: each
+draft token d_i is kept with probability p_i(d_i) (the draft is a point mass), and the first rejected
+one is replaced by a draw from p_i without d_i, renormalized; a fully kept draft adds a draw from p_m.
+That is rejection sampling (Leviathan et al. 2023; Chen et al. 2023): every emitted token is
+distributed as the target's. Ring slots the rejected tokens overwrote are restored
+(gemma.cache.ring_snapshot / rollback); the cache length is cut back to the kept tokens. Drafts are
+looked up on device over the token history (prompt + generated), so a pass costs no host round trip.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Sequence
 
 import jax
@@ -28,19 +29,33 @@ from gemma.config import VOCAB_SIZE
 from gemma.sampler import SamplingParams, _bucket, _nucleus
 
 
+def lookup(history: jax.Array, count: jax.Array, draft_len: int, max_ngram: int = 3,
+           min_ngram: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Traceable prompt lookup over `history` int [L] of which the first `count` tokens are the context:
+    (draft [draft_len], m) where draft[:m] are the tokens that followed the latest earlier occurrence of
+    the context's last n-gram, longest n first (max_ngram down to min_ngram); m = 0 when none recurs.
+    L must be >= count + draft_len (the draft is sliced from the buffer)."""
+    j = jnp.arange(history.shape[0])
+    start = jnp.int32(-1)
+    for n in range(max_ngram, min_ngram - 1, -1):  # a window starting at j ends before the last token
+        tail = jax.lax.dynamic_slice(history, (jnp.maximum(count - n, 0),), (n,))
+        hit = (j + n <= count - 1) & (count - 1 >= n)
+        for i in range(n):
+            hit &= jnp.roll(history, -i) == tail[i]
+        latest = jnp.max(jnp.where(hit, j, -1))
+        start = jnp.where((start < 0) & (latest >= 0), latest + n, start).astype(jnp.int32)
+    draft = jax.lax.dynamic_slice(history, (jnp.maximum(start, 0),), (draft_len,))
+    return draft, jnp.where(start >= 0, jnp.minimum(draft_len, count - start), 0).astype(jnp.int32)
+
+
 def prompt_lookup(context: Sequence[int], draft_len: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
-    """Up to `draft_len` tokens that followed the latest earlier occurrence of the context's last n-gram,
-    longest n first (max_ngram down to min_ngram); [] when none recurs."""
-    ctx = np.asarray(context, np.int64)
-    n_ctx = len(ctx)
-    for n in range(min(max_ngram, n_ctx - 1), min_ngram - 1, -1):
-        tail = ctx[n_ctx - n:]
-        windows = np.lib.stride_tricks.sliding_window_view(ctx[:n_ctx - 1], n)  # starts 0 .. n_ctx - 1 - n
-        hits = np.flatnonzero((windows == tail).all(axis=1))
-        if len(hits):
-            start = hits[-1] + n
-            return ctx[start:start + draft_len].tolist()
-    return []
+    """`lookup` on a host list: the draft tokens (up to `draft_len`; [] when no n-gram recurs)."""
+    history = jnp.asarray(list(context) + [0] * draft_len, jnp.int32)
+    draft, m = _lookup(history, jnp.int32(len(context)), draft_len, max_ngram, min_ngram)
+    return np.asarray(draft)[:int(m)].tolist()
+
+
+_lookup = jax.jit(lookup, static_argnums=(2, 3, 4))
 
 
 def target_probs(logits: jax.Array, params: SamplingParams) -> jax.Array:
@@ -57,40 +72,31 @@ def target_probs(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return jax.nn.softmax(logits, axis=-1)
 
 
-def accept(probs: jax.Array, draft: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Rejection sampling of a point-mass draft [k] against target probs [k + 1, V]: returns (the number of
-    draft tokens kept, the next token: the replacement of the first rejected one or a draw from p_k)."""
+def accept(probs: jax.Array, draft: jax.Array, key: jax.Array, m: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Rejection sampling of a point-mass draft [k] (its first `m` tokens real, default all) against target
+    probs [k + 1, V]: returns (the number of draft tokens kept, the next token: the replacement of the
+    first rejected one or a draw from p_m)."""
     k = draft.shape[0]
+    m = k if m is None else m
     u_key, draw_key = jax.random.split(key)
     p_draft = jnp.take_along_axis(probs[:k], draft[:, None], axis=1)[:, 0]
-    kept = jax.random.uniform(u_key, (k,)) < p_draft
-    n = jnp.argmin(jnp.concatenate([kept, jnp.zeros((1,), bool)])).astype(jnp.int32)  # first rejection (or k)
+    kept = (jax.random.uniform(u_key, (k,)) < p_draft) & (jnp.arange(k) < m)
+    n = jnp.argmin(jnp.concatenate([kept, jnp.zeros((1,), bool)])).astype(jnp.int32)  # first rejection (or m)
     p = probs[n]
-    residual = jnp.where(jnp.arange(p.shape[0]) == jnp.concatenate([draft, jnp.full((1,), -1, draft.dtype)])[n], 0.0, p)
+    rejected = jnp.where(n < m, jnp.concatenate([draft, jnp.zeros((1,), draft.dtype)])[n], -1)
+    residual = jnp.where(jnp.arange(p.shape[0]) == rejected, 0.0, p)
     return n, jax.random.categorical(draw_key, jnp.log(residual)).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def _verify(graphdef, state, tokens, positions, cache):
-    """The target over the chunk tokens [1, T] at positions [1, T]: logits [T, V], cache, ring snapshot."""
-    snapshot = ring_snapshot(cache, positions)
-    logits, cache = nnx.merge(graphdef, state).extend(tokens, positions, cache, last_only=False)
-    return logits[0], cache, snapshot
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _rollback(cache, snapshot, positions, length):
-    return rollback(cache, snapshot, positions, length)
-
-
-@functools.partial(jax.jit, static_argnums=(3,))
-def _choose(logits, draft, key, params: SamplingParams):
-    """(draft tokens kept, next token) from verify logits [k + 1, V]."""
+def choose(logits: jax.Array, draft: jax.Array, m: jax.Array, key: jax.Array,
+           params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """(draft tokens kept, next token) from verify logits [k + 1, V] of a draft [k] whose first m are real."""
     if params.greedy:
         target = jnp.argmax(logits[:, :VOCAB_SIZE], axis=-1).astype(jnp.int32)
-        n = jnp.argmin(jnp.concatenate([target[:-1] == draft, jnp.zeros((1,), bool)])).astype(jnp.int32)
+        same = (target[:-1] == draft) & (jnp.arange(draft.shape[0]) < m)
+        n = jnp.argmin(jnp.concatenate([same, jnp.zeros((1,), bool)])).astype(jnp.int32)
         return n, target[n]
-    return accept(target_probs(logits, params), draft, key)
+    return accept(target_probs(logits, params), draft, key, m)
 
 
 @dataclasses.dataclass
@@ -98,11 +104,49 @@ class SpeculativeStats:
     steps: int = 0  # target passes after the prefill
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens kept
-    draft_seconds: float = 0.0  # time spent proposing drafts (prompt lookup on the host)
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9))
+def _loop(graphdef, state, cache, logits, history, count, key, params, draft_len, max_ngram, stop_ids, max_new):
+    """Draft-verify passes until a stop id or `max_new` tokens: returns (history with the generated tokens
+    after the prompt's `count`, the number generated (a final stop id included), [steps, drafted, accepted])."""
+    model = nnx.merge(graphdef, state)
+    k = draft_len
+    prompt_len = count
+    key, sub = jax.random.split(key)
+    first = choose(logits, jnp.zeros((0,), jnp.int32), jnp.int32(0), sub, params)[1]
+    history = history.at[count].set(first)
+    init = (cache, history, count + 1, key, jnp.isin(first, stop_ids), jnp.zeros((3,), jnp.int32))
+
+    def cond(carry):
+        _, _, count, _, stopped, _ = carry
+        return ~stopped & (count - prompt_len < max_new)
+
+    def body(carry):
+        cache, history, count, key, _, stats = carry
+        draft, m = lookup(history, count, k, max_ngram)
+        start = count - 1  # the position of the newest token, not yet in the cache
+        offsets = jnp.arange(k + 1, dtype=jnp.int32)
+        positions = jnp.where(offsets <= m, start + offsets, -1)[None]
+        tokens = jnp.concatenate([history[start][None], draft])[None]
+        snapshot = ring_snapshot(cache, positions)
+        logits, cache = model.extend(jnp.where(positions >= 0, tokens, 0), positions, cache, last_only=False)
+        key, sub = jax.random.split(key)
+        n, nxt = choose(logits[0], draft, m, sub, params)
+        cache = rollback(cache, snapshot, positions, (start + 1 + n)[None])
+        new = jnp.where(offsets < n, jnp.concatenate([draft, draft[:1]]), nxt)  # draft[:n] + [nxt], padded
+        stop = (offsets <= n) & jnp.isin(new, stop_ids)
+        emitted = jnp.minimum(jnp.where(stop.any(), jnp.argmax(stop) + 1, n + 1), max_new - (count - prompt_len))
+        history = jax.lax.dynamic_update_slice(history, new, (count,))
+        stopped = jnp.any(stop & (offsets < emitted))
+        return cache, history, count + emitted, key, stopped, stats + jnp.stack([1, m, n])
+
+    _, history, count, _, _, stats = jax.lax.while_loop(cond, body, init)
+    return history, count - prompt_len, stats
 
 
 def generate(sampler, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
@@ -113,37 +157,20 @@ def generate(sampler, prompt: str | Sequence[int], max_new_tokens: int = 64, tem
     params = SamplingParams(temperature, top_k, top_p)
     if not isinstance(draft_len, int) or not 1 <= draft_len < sampler.config.sliding_window:
         raise ValueError(f"draft_len must be an int in [1, {sampler.config.sliding_window}), got {draft_len!r}")
+    if not isinstance(max_ngram, int) or max_ngram < 1:
+        raise ValueError(f"max_ngram must be an int >= 1, got {max_ngram!r}")
     row = sampler.encode_prompt(prompt)
     sampler._check_room([len(row)], max_new_tokens)
     room = _bucket(len(row), sampler.prefill_chunk) + _bucket(max_new_tokens + draft_len + 1, 1 << 30)
     cache = sampler.new_cache(1, min(sampler.max_len, room))  # bucketed as Sampler.generate: few shapes
     logits, cache = sampler.prefill([row], cache)
-    key = jax.random.key(seed)
-    key, sub = jax.random.split(key)
-    first = _choose(logits, jnp.zeros((0,), jnp.int32), sub, params)[1]
-    out, stats, context = [int(first)], SpeculativeStats(), list(row) + [int(first)]
-    while out[-1] not in sampler.stop_ids and len(out) < max_new_tokens:
-        t0 = time.perf_counter()
-        draft = prompt_lookup(context, draft_len, max_ngram)
-        stats.draft_seconds += time.perf_counter() - t0
-        start = len(context) - 1
-        # one chunk shape whatever the draft's length: padded with the last token (a CPU pass costs about
-        # the same for 1 or draft_len + 1 tokens: the weights are read once), the padding rolled back
-        chunk = [context[-1]] + draft + [context[-1]] * (draft_len - len(draft))
-        positions = jnp.arange(start, start + len(chunk), dtype=jnp.int32)[None]
-        logits, cache, snapshot = _verify(sampler._graphdef, sampler._state, jnp.asarray([chunk], jnp.int32),
-                                          positions, cache)
-        key, sub = jax.random.split(key)
-        n, nxt = (int(x) for x in _choose(logits[:len(draft) + 1], jnp.asarray(draft, jnp.int32), sub, params))
-        if n < draft_len:
-            cache = _rollback(cache, snapshot, positions, jnp.asarray([start + 1 + n], jnp.int32))
-        stats.steps, stats.drafted, stats.accepted = stats.steps + 1, stats.drafted + len(draft), stats.accepted + n
-        new = draft[:n] + [nxt]
-        for t in new:
-            if len(out) >= max_new_tokens or out[-1] in sampler.stop_ids:
-                break
-            out.append(t)
-            context.append(t)
-    if out[-1] in sampler.stop_ids:
+    history = np.zeros(room + draft_len + 1, np.int32)  # the prompt, then what is generated
+    history[:len(row)] = row
+    history, n, stats = _loop(sampler._graphdef, sampler._state, cache, logits, jnp.asarray(history),
+                              jnp.int32(len(row)), jax.random.key(seed), params, draft_len, max_ngram,
+                              jnp.asarray(sampler.stop_ids, jnp.int32), jnp.int32(max_new_tokens))
+    out = np.asarray(history)[len(row):len(row) + int(n)].tolist()
+    if out and out[-1] in sampler.stop_ids:
         out.pop()
-    return out, stats
+    steps, drafted, accepted = (int(x) for x in np.asarray(stats))
+    return out, SpeculativeStats(steps, drafted, accepted)
