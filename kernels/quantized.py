@@ -20,6 +20,7 @@ dequantizes in the activation dtype and lets XLA fuse it into the dot.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -134,7 +135,14 @@ def matmul(x: jax.Array, w: QArray) -> jax.Array:
     if cpu_quantized.usable(x.shape[0]):
         return _kernel_matmul(x, w)
     dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float32) else jnp.float32
-    return jnp.einsum("MK,RK->MR", x.astype(dtype), dequantize(w, dtype), preferred_element_type=jnp.float32)
+    return _dequantized_matmul(x.astype(dtype), w)
+
+
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+def _dequantized_matmul(x: jax.Array, w: QArray) -> jax.Array:
+    """x . dequantize(w)^T in x's dtype; rematerialized, so a backward pass (QLoRA) keeps the quantized
+    weight as its residual and dequantizes it again, never holding the widened matrix between passes."""
+    return jnp.einsum("MK,RK->MR", x, dequantize(w, x.dtype), preferred_element_type=jnp.float32)
 
 
 @jax.custom_jvp
@@ -171,6 +179,7 @@ class QuantizedEinsum(nnx.Module):
             raise ValueError(f"QuantizedEinsum {spec!r}: weight {tuple(shape)} is stored as {want}, "
                              f"got a QArray of shape {tuple(w.shape)}")
         self.spec, self.shape, self.bits, self.group = spec, tuple(shape), w.bits, w.group
+        self.logical_axes = tuple(logical_axes) if logical_axes else (None,) * len(rhs)  # of the float weight
         axes = dict(zip(rhs, logical_axes)) if logical_axes else {}
         meta = dict(logical_axes=tuple(axes.get(a) for a in rest) + (None,))
         self.data = QuantizedData(w.data, **meta)
@@ -191,6 +200,15 @@ class QuantizedEinsum(nnx.Module):
     def weight(self) -> QArray:
         minimum = None if self.minimum is None else self.minimum[...]
         return QArray(self.data[...], self.scale[...], minimum, self.bits, self.group)
+
+    def dequantized(self) -> jax.Array:
+        """The float32 weight in the Einsum's layout (`shape`, as jnp.einsum(spec) reads it)."""
+        from kernels.dense import einsum_axes
+
+        lhs, rhs, out, batch, contract, rest = einsum_axes(self.spec)
+        sizes = dict(zip(rhs, self.shape))
+        w = dequantize(self.weight()).reshape(tuple(sizes[a] for a in rest + contract))
+        return w.transpose([(rest + contract).index(a) for a in rhs])
 
     def __call__(self, x: jax.Array, preferred_element_type=None) -> jax.Array:
         from kernels.dense import dense

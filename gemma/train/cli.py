@@ -18,6 +18,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        "and, at the end, the fine-tuned model: checkpoints.load(DIR).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="gemma3-270m", help="'gemma3-270m', a .gguf file, an HF dir or an orbax dir")
+    p.add_argument("--quantize", default=None, choices=["int4", "int8"],
+                   help="QLoRA: the base's matrices kept quantized and frozen (checkpoints.load(quantize=); a GGUF "
+                        "as the file holds it); needs --lora-rank and float32 compute")
     training_flags(p, packing=True)
     return p
 
@@ -105,6 +108,9 @@ def main(args) -> int:
         if args.epochs is not None and not args.epochs > 0:
             return fail(f"--epochs must be > 0, got {args.epochs}")
         config = train_config(args)
+        if args.quantize and (not args.lora_rank or config.compute_dtype != "float32"):
+            return fail(f"--quantize {args.quantize} trains LoRA adapters over frozen quantized weights: it needs "
+                        f"--lora-rank and --dtype float32 (bfloat16 would round the quantization scales)")
         mesh = sharding.make_mesh(args.mesh)
         for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
             if path is not None and not os.path.isfile(path):
@@ -121,7 +127,7 @@ def main(args) -> int:
             data.load_examples(args.eval_data, tokenizer, args.seq_len, args.long)
     except (ValueError, OSError, ModuleNotFoundError) as e:
         return fail(str(e).splitlines()[0] if "\n" in str(e) and len(str(e)) > 400 else str(e))
-    model = checkpoints.load(args.model)
+    model = checkpoints.load(args.model, quantize=args.quantize)
     epochs = args.epochs if args.epochs is not None else (None if args.steps is not None else 1.0)
     result = run.finetune(model, tokenizer, args.data, args.output, config=config, eval_path=args.eval_data,
                           packing=args.packing, long=args.long, save_every=args.save_every,
@@ -197,6 +203,9 @@ def distill_main(args) -> int:
                                            max_new_tokens=args.max_new_tokens)
         distill_run.check_targets(targets, dc)
         config = train_config(args)
+        if args.quantize and (not args.lora_rank or config.compute_dtype != "float32"):
+            return fail(f"--quantize {args.quantize} trains LoRA adapters over frozen quantized weights: it needs "
+                        f"--lora-rank and --dtype float32 (bfloat16 would round the quantization scales)")
         mesh = sharding.make_mesh(args.mesh)
         for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
             if path is not None and not os.path.isfile(path):

@@ -9,7 +9,8 @@ y = x.w + (alpha / rank) * (x.a).b, with a over w's contracted axes and b over i
 a [D, r] and b [r, N, H] for q_proj. As in PEFT, a starts Kaiming-uniform (bound 1/sqrt(fan_in))
 and b at zero, so a fresh adapter changes nothing. We write LoRA ourselves rather than through
 qwix: merging, PEFT export and the CPU decode path need the adapter as explicit parameters of a
-module we own.
+module we own. QLoRA: the same adapters over a `kernels.quantized.QuantizedEinsum` (a model from
+checkpoints.load(..., quantize="int4")); its integer weights are frozen state, not parameters.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gemma.layers import QuantizedEmbedder
 from kernels.dense import Einsum, einsum_axes
+from kernels.quantized import QuantizedEinsum
 
 # --lora-targets names -> (sub-module, attribute) inside each decoder block
 TARGETS = {"q": ("attn", "q_proj"), "k": ("attn", "k_proj"), "v": ("attn", "v_proj"), "o": ("attn", "o_proj"),
@@ -40,18 +43,20 @@ def parse_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
 
 
 class LoRAEinsum(nnx.Module):
-    """A frozen Einsum plus a trainable rank-r update (nnx.LoRAParam a, b)."""
+    """A frozen Einsum (or QuantizedEinsum: QLoRA) plus a trainable rank-r update (nnx.LoRAParam a, b)."""
 
-    def __init__(self, base: Einsum, rank: int, alpha: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, base: Einsum | QuantizedEinsum, rank: int, alpha: float, *, rngs: nnx.Rngs,
+                 dtype=jnp.float32):
         lhs, rhs, out, batch, contract, rest = einsum_axes(base.spec)
-        sizes = dict(zip(rhs, base.w.shape))
+        shape, logical = _weight_shape(base)
+        sizes = dict(zip(rhs, shape))
         fan_in = math.prod(sizes[a] for a in contract)
         bound = 1.0 / math.sqrt(fan_in)
         self.base = base
         self.rank, self.alpha = int(rank), float(alpha)
         self.a_spec = f"{lhs},{contract}{_RANK}->{batch}{_RANK}"
         self.delta_spec = f"{contract}{_RANK},{_RANK}{rest}->{rhs}"
-        axes = dict(zip(rhs, base.w.get_metadata().get("logical_axes", (None,) * len(rhs))))
+        axes = dict(zip(rhs, logical))
         a_shape = tuple(sizes[c] for c in contract) + (self.rank,)
         self.a = nnx.LoRAParam(jax.random.uniform(rngs.params(), a_shape, jnp.float32, -bound, bound).astype(dtype),
                                logical_axes=tuple(axes[c] for c in contract) + ("lora_rank",))
@@ -73,6 +78,15 @@ class LoRAEinsum(nnx.Module):
         """(alpha / rank) * a.b in w's layout and f32."""
         return self.scale * jnp.einsum(self.delta_spec, self.a[...].astype(jnp.float32),
                                        self.b[...].astype(jnp.float32))
+
+
+def _weight_shape(base: Einsum | QuantizedEinsum) -> tuple[tuple[int, ...], tuple]:
+    """(shape, logical axes) of the base's weight as its einsum spec reads it."""
+    if isinstance(base, QuantizedEinsum):
+        return base.shape, base.logical_axes
+    if not isinstance(base, Einsum):
+        raise TypeError(f"LoRA wraps an Einsum or a QuantizedEinsum, got {type(base).__name__}")
+    return base.w.shape, base.w.get_metadata().get("logical_axes", (None,) * base.w.ndim)
 
 
 @jax.custom_vjp
@@ -136,13 +150,27 @@ def settings(model) -> dict | None:
     return {"rank": rank, "alpha": alpha, "targets": [t for t in TARGETS if t in found]}
 
 
+def head_table(model) -> jax.Array:
+    """The tied output head's table [V, D] for the training loss: a quantized one (QLoRA over a GGUF's 8-bit
+    head) is dequantized inside the step, a constant to autodiff."""
+    if isinstance(model.embedder, QuantizedEmbedder):
+        return jax.lax.stop_gradient(model.embedder.table.dequantized())
+    return model.embedder.embedding[...]
+
+
 def merge(model):
     """Folds every adapter into its weight (w + (alpha / rank) a.b, in w's dtype) and removes it, in place;
-    returns the model."""
+    returns the model. Over a quantized base (QLoRA) the merged projection is a float32 Einsum of the
+    dequantized weight plus the update (re-quantizing it would round the update away)."""
     for _, owner, attr in _sites(model):
         layer = getattr(owner, attr)
         if isinstance(layer, LoRAEinsum):
             base = layer.base
-            base.w.set_value((base.w[...].astype(jnp.float32) + layer.delta()).astype(base.w.dtype))
+            if isinstance(base, QuantizedEinsum):
+                merged = Einsum(base.spec, base.shape, base.logical_axes, rngs=nnx.Rngs(0))
+                merged.w.set_value(base.dequantized() + layer.delta())
+                base = merged
+            else:
+                base.w.set_value((base.w[...].astype(jnp.float32) + layer.delta()).astype(base.w.dtype))
             setattr(owner, attr, base)
     return model

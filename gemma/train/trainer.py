@@ -102,7 +102,7 @@ def loss_sums(graphdef, trainable, frozen, batch, compute_dtype, remat, chunk, s
     model.dtype = jnp.dtype(compute_dtype)
     hidden = model.forward(batch.inputs, batch.positions, None, return_hidden=True, segment_ids=batch.segment_ids,
                            remat=remat, scan=scan)
-    return cross_entropy_sum(hidden, model.embedder.embedding[...], batch.targets, batch.weights,
+    return cross_entropy_sum(hidden, lora.head_table(model), batch.targets, batch.weights,
                              chunk_size=chunk, softcap=model.config.final_logit_softcap)
 
 
