@@ -101,7 +101,7 @@ def choose(logits: jax.Array, draft: jax.Array, m: jax.Array, key: jax.Array,
 
 @dataclasses.dataclass
 class SpeculativeStats:
-    steps: int = 0  # target passes after the prefill
+    steps: int = 0  # target passes after the prefill (verify passes and plain steps)
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens kept
 
@@ -110,8 +110,9 @@ class SpeculativeStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9))
-def _loop(graphdef, state, cache, logits, history, count, key, params, draft_len, max_ngram, stop_ids, max_new):
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
+def _loop(graphdef, state, cache, logits, history, count, key, params, draft_len, max_ngram, min_ngram, stop_ids,
+          max_new):
     """Draft-verify passes until a stop id or `max_new` tokens: returns (history with the generated tokens
     after the prompt's `count`, the number generated (a final stop id included), [steps, drafted, accepted])."""
     model = nnx.merge(graphdef, state)
@@ -128,16 +129,24 @@ def _loop(graphdef, state, cache, logits, history, count, key, params, draft_len
 
     def body(carry):
         cache, history, count, key, _, stats = carry
-        draft, m = lookup(history, count, k, max_ngram)
+        draft, m = lookup(history, count, k, max_ngram, min_ngram)
         start = count - 1  # the position of the newest token, not yet in the cache
         offsets = jnp.arange(k + 1, dtype=jnp.int32)
-        positions = jnp.where(offsets <= m, start + offsets, -1)[None]
-        tokens = jnp.concatenate([history[start][None], draft])[None]
-        snapshot = ring_snapshot(cache, positions)
-        logits, cache = model.extend(jnp.where(positions >= 0, tokens, 0), positions, cache, last_only=False)
         key, sub = jax.random.split(key)
-        n, nxt = choose(logits[0], draft, m, sub, params)
-        cache = rollback(cache, snapshot, positions, (start + 1 + n)[None])
+
+        def verify(cache):
+            positions = jnp.where(offsets <= m, start + offsets, -1)[None]
+            tokens = jnp.concatenate([history[start][None], draft])[None]
+            snapshot = ring_snapshot(cache, positions)
+            logits, cache = model.extend(jnp.where(positions >= 0, tokens, 0), positions, cache, last_only=False)
+            n, nxt = choose(logits[0], draft, m, sub, params)
+            return rollback(cache, snapshot, positions, (start + 1 + n)[None]), n, nxt
+
+        def step(cache):  # no draft: a plain one-token decode step
+            logits, cache = model.extend(history[start][None, None], start[None, None], cache)
+            return cache, jnp.int32(0), choose(logits[0], draft[:0], jnp.int32(0), sub, params)[1]
+
+        cache, n, nxt = jax.lax.cond(m > 0, verify, step, cache)
         new = jnp.where(offsets < n, jnp.concatenate([draft, draft[:1]]), nxt)  # draft[:n] + [nxt], padded
         stop = (offsets <= n) & jnp.isin(new, stop_ids)
         emitted = jnp.minimum(jnp.where(stop.any(), jnp.argmax(stop) + 1, n + 1), max_new - (count - prompt_len))
@@ -150,15 +159,16 @@ def _loop(graphdef, state, cache, logits, history, count, key, params, draft_len
 
 
 def generate(sampler, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0, draft_len: int = 4,
-             max_ngram: int = 3) -> tuple[list[int], SpeculativeStats]:
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0, draft_len: int = 2,
+             max_ngram: int = 3, min_ngram: int = 2) -> tuple[list[int], SpeculativeStats]:
     """Continues one prompt with speculative decoding on `sampler`'s model and cache layout; returns the
-    generated ids (stop id excluded, as Sampler.generate) and the draft statistics."""
+    generated ids (stop id excluded, as Sampler.generate) and the draft statistics. Drafts come from the
+    longest recurring n-gram, max_ngram down to min_ngram; a pass with none is a plain one-token step."""
     params = SamplingParams(temperature, top_k, top_p)
     if not isinstance(draft_len, int) or not 1 <= draft_len < sampler.config.sliding_window:
         raise ValueError(f"draft_len must be an int in [1, {sampler.config.sliding_window}), got {draft_len!r}")
-    if not isinstance(max_ngram, int) or max_ngram < 1:
-        raise ValueError(f"max_ngram must be an int >= 1, got {max_ngram!r}")
+    if not (isinstance(max_ngram, int) and isinstance(min_ngram, int) and 1 <= min_ngram <= max_ngram):
+        raise ValueError(f"n-gram sizes must be ints with 1 <= min_ngram <= max_ngram, got {min_ngram!r}, {max_ngram!r}")
     row = sampler.encode_prompt(prompt)
     sampler._check_room([len(row)], max_new_tokens)
     room = _bucket(len(row), sampler.prefill_chunk) + _bucket(max_new_tokens + draft_len + 1, 1 << 30)
@@ -167,7 +177,7 @@ def generate(sampler, prompt: str | Sequence[int], max_new_tokens: int = 64, tem
     history = np.zeros(room + draft_len + 1, np.int32)  # the prompt, then what is generated
     history[:len(row)] = row
     history, n, stats = _loop(sampler._graphdef, sampler._state, cache, logits, jnp.asarray(history),
-                              jnp.int32(len(row)), jax.random.key(seed), params, draft_len, max_ngram,
+                              jnp.int32(len(row)), jax.random.key(seed), params, draft_len, max_ngram, min_ngram,
                               jnp.asarray(sampler.stop_ids, jnp.int32), jnp.int32(max_new_tokens))
     out = np.asarray(history)[len(row):len(row) + int(n)].tolist()
     if out and out[-1] in sampler.stop_ids:
