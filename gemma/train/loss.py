@@ -7,12 +7,15 @@ chunks keeping a running max / sum of exponentials (an online logsumexp) and the
 memory is O(tokens x chunk_size), not O(tokens x V).
 
 Gradients flow to the hidden states and to the table: full fine-tuning trains the table, LoRA trains
-neither but needs d_hidden to reach its adapters. When the table is not differentiated (LoRA, or any
-caller that holds it constant) the forward computes d_hidden itself, as flash attention computes its
-output: d_hidden = softmax(logits) @ table - table[target] is a softmax-weighted sum that the online
-logsumexp rescales chunk by chunk, so no chunk's logits are computed twice (two head-sized products in
-all instead of three). With the table differentiated, the backward recomputes each chunk's logits from
-the saved logsumexp, accumulates d_hidden and writes d_embedding chunk by chunk.
+neither but needs d_hidden to reach its adapters. Under differentiation the forward computes the
+gradients itself, so that no chunk's logits are computed twice:
+- table held constant (LoRA, or any caller that holds it fixed): d_hidden = softmax(logits) @ table -
+  table[target] is a softmax-weighted sum that the online logsumexp rescales chunk by chunk, as flash
+  attention computes its output; two head-sized products in all (logits, d_hidden).
+- table differentiated: tokens in chunks of `TOKEN_BUDGET // V` rows, each chunk's [rows, V] logits held
+  once for its exact logsumexp, then d_hidden and d_table accumulated from them vocabulary chunk by chunk;
+  three head-sized products (logits, d_hidden, d_table), where a backward that recomputes would run four.
+The backward only scales what the forward saved by the loss's cotangent.
 
     total, count = cross_entropy_sum(hidden, model.embedder.embedding[...], targets, weights)
     loss = cross_entropy(hidden, embedding, targets, weights)        # total / max(count, 1)
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 DEFAULT_CHUNK = 16384
+TOKEN_BUDGET = 1 << 26  # logits entries of one token chunk when the table is differentiated (256 MiB f32)
 
 
 def cross_entropy_sum(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array, *,
@@ -81,13 +85,17 @@ def _logits(h, e, softcap):
     return logits
 
 
-def _chunk_logits(h, e, i, chunk, softcap):
-    """Logits of vocabulary chunk i: rows [start, start + chunk) with start clamped so the last chunk stays
-    inside the table (it then overlaps its predecessor); `fresh` marks the rows this chunk owns."""
-    v = e.shape[0]
+def _chunk_rows(i, chunk, v):
+    """Vocabulary chunk i: rows [start, start + chunk) with start clamped so the last chunk stays inside the
+    table (it then overlaps its predecessor); `fresh` marks the rows this chunk owns."""
     start = jnp.minimum(i * chunk, v - chunk)
     rows = start + jnp.arange(chunk, dtype=jnp.int32)  # [C] vocabulary ids
-    fresh = rows >= i * chunk  # overlap rows were counted by chunk i - 1
+    return start, rows, rows >= i * chunk  # overlap rows were counted by chunk i - 1
+
+
+def _chunk_logits(h, e, i, chunk, softcap):
+    """Logits of vocabulary chunk i (see _chunk_rows), its table rows, start, ids and `fresh` mask."""
+    start, rows, fresh = _chunk_rows(i, chunk, e.shape[0])
     e_c = jax.lax.dynamic_slice_in_dim(e, start, chunk, axis=0)
     return _logits(h, e_c, softcap), e_c, start, rows, fresh
 
@@ -132,42 +140,72 @@ def _forward(h, e, t, w, chunk, softcap, with_dh: bool = False):
         target_row = jnp.take(e, jnp.clip(t, 0, e.shape[0] - 1), axis=0).astype(jnp.float32)
         cap_grad = 1.0 if softcap is None else (1.0 - jnp.square(tgt / softcap))[:, None]
         dh = acc / s[:, None] - cap_grad * target_row
-    return jnp.sum(w * ce), (h, e, t, w, lse, ce, dh)
+    return jnp.sum(w * ce), (ce, dh)
+
+
+def _forward_trained(h, e, t, w, chunk, softcap):
+    """(total, residuals) with the table differentiated: the w-weighted d total / d h [T, D] and d total / d e
+    [V, D] (f32), computed token chunk by token chunk from each chunk's [rows, V] logits, held once."""
+    tokens, v = h.shape[0], e.shape[0]
+    rows = max(1, min(tokens, TOKEN_BUDGET // v))
+    n_tokens, n_vocab = -(-tokens // rows), -(-v // chunk)
+    pad = n_tokens * rows - tokens  # padding rows have weight 0: no loss, no gradient
+    hp, tp, wp = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(t, (0, pad)), jnp.pad(w, (0, pad))
+    compute = jnp.result_type(h.dtype, e.dtype)
+
+    def token_chunk(i, carry):
+        ces, dh, de = carry
+        h_c, t_c, w_c = (jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=0) for x in (hp, tp, wp))
+        logits = _logits(h_c, e, softcap)  # [rows, V] f32
+        m = jnp.max(logits, axis=1)
+        lse = m + jnp.log(jnp.sum(jnp.exp(logits - m[:, None]), axis=1))
+        tgt = jnp.take_along_axis(logits, jnp.clip(t_c, 0, v - 1)[:, None], axis=1)[:, 0]
+        ce = jnp.where(w_c != 0, lse - tgt, 0.0)
+
+        def vocab_chunk(j, carry):
+            dh_c, de = carry
+            start, ids, fresh = _chunk_rows(j, chunk, v)
+            l_j = jax.lax.dynamic_slice_in_dim(logits, start, chunk, axis=1)
+            dlogits = w_c[:, None] * (jnp.exp(l_j - lse[:, None]) - (ids[None, :] == t_c[:, None]))
+            if softcap is not None:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
+                dlogits = dlogits * (1.0 - jnp.square(l_j / softcap))
+            dlogits = jnp.where(fresh[None, :], dlogits, 0.0).astype(compute)
+            e_j = jax.lax.dynamic_slice_in_dim(e, start, chunk, axis=0)
+            dh_c = dh_c + jnp.einsum("TV,VD->TD", dlogits, e_j.astype(compute), preferred_element_type=jnp.float32)
+            # overlap rows of the last chunk get + 0 on what chunk j - 1 wrote
+            old = jax.lax.dynamic_slice_in_dim(de, start, chunk, axis=0)
+            de = jax.lax.dynamic_update_slice_in_dim(de, old + jnp.einsum(
+                "TV,TD->VD", dlogits, h_c.astype(compute), preferred_element_type=jnp.float32), start, 0)
+            return dh_c, de
+
+        dh_c, de = jax.lax.fori_loop(0, n_vocab, vocab_chunk, (jnp.zeros(h_c.shape, jnp.float32), de))
+        return (jax.lax.dynamic_update_slice_in_dim(ces, ce, i * rows, 0),
+                jax.lax.dynamic_update_slice_in_dim(dh, dh_c, i * rows, 0), de)
+
+    init = (jnp.zeros((n_tokens * rows,), jnp.float32), jnp.zeros(hp.shape, jnp.float32),
+            jnp.zeros(e.shape, jnp.float32))
+    ces, dh, de = jax.lax.fori_loop(0, n_tokens, token_chunk, init)
+    ce = ces[:tokens]
+    return jnp.sum(w * ce), (ce, dh[:tokens], de)
 
 
 def _fwd(h, e, t, w, chunk, softcap):
-    # symbolic zeros: `perturbed` says whether the table is differentiated; when it is not, the forward
-    # computes d_hidden and the backward only scales it
-    return _forward(h.value, e.value, t.value, w.value, chunk, softcap, with_dh=not e.perturbed)
+    # symbolic zeros: `perturbed` says whether the table is differentiated
+    trained, (h, e, t, w) = e.perturbed, (x.value for x in (h, e, t, w))
+    if trained:
+        total, (ce, dh, de) = _forward_trained(h, e, t, w, chunk, softcap)
+    else:
+        (total, (ce, dh)), de = _forward(h, e, t, w, chunk, softcap, with_dh=True), None
+    return total, (h, e, w, ce, dh, de)
 
 
 def _bwd(chunk, softcap, res, g):
-    h, e, t, w, lse, ce, dh = res
+    h, e, w, ce, dh, de = res
     dw = (g * ce).astype(w.dtype)
+    if de is not None:  # the table differentiated: dh and de already carry the weights
+        return (g * dh).astype(h.dtype), (g * de).astype(e.dtype), None, dw
     scale = (g * w).astype(jnp.float32)  # [T]: d total / d CE_t
-    if dh is not None:  # the table is held constant: no cotangent for it
-        return (scale[:, None] * dh).astype(h.dtype), None, None, dw
-    n_chunks = -(-e.shape[0] // chunk)
-    compute = jnp.result_type(h.dtype, e.dtype)
-
-    def body(i, carry):
-        dh, de = carry
-        logits, e_c, start, rows, fresh = _chunk_logits(h, e, i, chunk, softcap)
-        p = jnp.exp(logits - lse[:, None])
-        onehot = (rows[None, :] == t[:, None]).astype(jnp.float32)
-        dlogits = scale[:, None] * (p - onehot)
-        if softcap is not None:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
-            dlogits = dlogits * (1.0 - jnp.square(logits / softcap))
-        dlogits = jnp.where(fresh[None, :], dlogits, 0.0).astype(compute)
-        dh = dh + jnp.einsum("TV,VD->TD", dlogits, e_c.astype(compute), preferred_element_type=jnp.float32)
-        de_c = jnp.einsum("TV,TD->VD", dlogits, h.astype(compute), preferred_element_type=jnp.float32)
-        # overlap rows of the last chunk get + 0 on what chunk i - 1 wrote
-        old = jax.lax.dynamic_slice_in_dim(de, start, chunk, axis=0)
-        de = jax.lax.dynamic_update_slice_in_dim(de, (old.astype(jnp.float32) + de_c).astype(de.dtype), start, 0)
-        return dh, de
-
-    dh, de = jax.lax.fori_loop(0, n_chunks, body, (jnp.zeros(h.shape, jnp.float32), jnp.zeros_like(e)))
-    return dh.astype(h.dtype), de, None, dw
+    return (scale[:, None] * dh).astype(h.dtype), None, None, dw
 
 
 _chunked_ce.defvjp(_fwd, _bwd, symbolic_zeros=True)
