@@ -112,32 +112,37 @@ def _forward(h, e, t, w, chunk, softcap, with_dh: bool = False):
     n_chunks = -(-e.shape[0] // chunk)
     tokens = h.shape[0]
     compute = jnp.result_type(h.dtype, e.dtype)
+    ragged = e.shape[0] % chunk != 0  # the last chunk overlaps its predecessor: mask the rows it repeats
 
     def body(i, carry):
-        m, s, tgt, acc = carry
-        logits, e_c, _, rows, fresh = _chunk_logits(h, e, i, chunk, softcap)
-        logits = jnp.where(fresh[None, :], logits, -jnp.inf)
+        m, s, acc = carry
+        logits, e_c, _, _, fresh = _chunk_logits(h, e, i, chunk, softcap)
+        if ragged:
+            logits = jnp.where(fresh[None, :], logits, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
         p = jnp.exp(logits - m_new[:, None])
         rescale = jnp.exp(m - m_new)
         s = s * rescale + jnp.sum(p, axis=1)
-        hit = (rows[None, :] == t[:, None]) & fresh[None, :]
-        tgt = tgt + jnp.sum(jnp.where(hit, logits, 0.0), axis=1)
         if with_dh:
             if softcap is not None:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2; 0 * (-inf) rows have p = 0
-                p = p * (1.0 - jnp.square(jnp.where(fresh[None, :], logits, 0.0) / softcap))
+                p = p * (1.0 - jnp.square((jnp.where(fresh[None, :], logits, 0.0) if ragged else logits) / softcap))
             acc = acc * rescale[:, None] + jnp.einsum(
                 "TV,VD->TD", p.astype(compute), e_c.astype(compute), preferred_element_type=jnp.float32)
-        return m_new, s, tgt, acc
+        return m_new, s, acc
 
     init = (jnp.full((tokens,), -jnp.inf, jnp.float32), jnp.zeros((tokens,), jnp.float32),
-            jnp.zeros((tokens,), jnp.float32), jnp.zeros(h.shape if with_dh else (0,), jnp.float32))
-    m, s, tgt, acc = jax.lax.fori_loop(0, n_chunks, body, init)
+            jnp.zeros(h.shape if with_dh else (0,), jnp.float32))
+    m, s, acc = jax.lax.fori_loop(0, n_chunks, body, init)
     lse = m + jnp.log(s)
+    # the target's logit from its table row: one [T, D] gather, not a masked pass over every chunk
+    target_row = jnp.take(e, jnp.clip(t, 0, e.shape[0] - 1), axis=0)
+    tgt = jnp.einsum("TD,TD->T", h.astype(compute), target_row.astype(compute), preferred_element_type=jnp.float32)
+    if softcap is not None:
+        tgt = softcap * jnp.tanh(tgt / softcap)
     ce = jnp.where(w != 0, lse - tgt, 0.0)  # excluded positions (any target) contribute exactly 0
     dh = None
     if with_dh:
-        target_row = jnp.take(e, jnp.clip(t, 0, e.shape[0] - 1), axis=0).astype(jnp.float32)
+        target_row = target_row.astype(jnp.float32)
         cap_grad = 1.0 if softcap is None else (1.0 - jnp.square(tgt / softcap))[:, None]
         dh = acc / s[:, None] - cap_grad * target_row
     return jnp.sum(w * ce), (ce, dh)
@@ -169,7 +174,9 @@ def _forward_trained(h, e, t, w, chunk, softcap):
             dlogits = w_c[:, None] * (jnp.exp(l_j - lse[:, None]) - (ids[None, :] == t_c[:, None]))
             if softcap is not None:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
                 dlogits = dlogits * (1.0 - jnp.square(l_j / softcap))
-            dlogits = jnp.where(fresh[None, :], dlogits, 0.0).astype(compute)
+            if v % chunk:  # the last chunk overlaps its predecessor
+                dlogits = jnp.where(fresh[None, :], dlogits, 0.0)
+            dlogits = dlogits.astype(compute)
             e_j = jax.lax.dynamic_slice_in_dim(e, start, chunk, axis=0)
             dh_c = dh_c + jnp.einsum("TV,VD->TD", dlogits, e_j.astype(compute), preferred_element_type=jnp.float32)
             # overlap rows of the last chunk get + 0 on what chunk j - 1 wrote
