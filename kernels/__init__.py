@@ -4,7 +4,9 @@
 each query may see. Implementations:
 
   xla         the reference (kernels.reference); with a `window` hint on a long
-              self-attention it runs banded (kernels.banded), O(T * W)
+              self-attention it runs banded (kernels.banded), O(T * W); with a `lookahead` hint on a
+              shorter one, in query chunks over the keys each can reach (banded.blocked: ~T^2 / 2
+              causal pairs scored, not T^2)
   pallas_tpu  flash attention in Pallas/Mosaic for TPU, forward and backward
   pallas_gpu  flash attention in Pallas/Triton for GPU, forward and backward; on a Hopper GPU
               bf16/f16 self-attention runs in Pallas Mosaic GPU instead (kernels.flash_hopper and
@@ -26,12 +28,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels import reference
+from kernels import blocks, reference
 
 IMPLS = ("xla", "pallas_tpu", "pallas_gpu", "splash", "cudnn")
 BAND_ONLY = {"splash": "pallas_tpu", "cudnn": "pallas_gpu"}  # serve the plain causal/window mask; the
 # flash kernel each one hands the rest to
 BANDED_MIN_LEN = 4  # the banded XLA path pays off once T spans this many windows
+# shorter promised bands (lookahead given): query chunks over the key prefix each can reach, at most
+# BLOCKED_MAX_CHUNKS of them (each its own static shapes), no shorter than BLOCKED_MIN_CHUNK
+BLOCKED_MIN_CHUNK, BLOCKED_MAX_CHUNKS = 64, 8
 
 
 def resolve(impl: str, platform: str | None = None) -> str:
@@ -134,4 +139,8 @@ def attention(
     if window is not None and q.shape[1] >= BANDED_MIN_LEN * window:
         from kernels import banded
         return banded.attention(*args, scale=scale, softcap=softcap, window=window, lookahead=lookahead or 0)
+    if band and lookahead is not None and q.shape[1] >= 2 * BLOCKED_MIN_CHUNK:
+        from kernels import banded
+        chunk = max(BLOCKED_MIN_CHUNK, blocks.round_up(-(-q.shape[1] // BLOCKED_MAX_CHUNKS), BLOCKED_MIN_CHUNK))
+        return banded.blocked(*args, scale=scale, softcap=softcap, window=window, lookahead=lookahead, chunk=chunk)
     return reference.attention(*args, scale=scale, softcap=softcap, k_pos=k_pos)

@@ -84,3 +84,34 @@ def attention(
     pos = jnp.broadcast_to(pos[None], (b, n_chunks, band)).reshape(b * n_chunks, band)
     out = reference.attention(qc, kb, vb, starts, ends, scale=scale, softcap=softcap, k_pos=pos)
     return out.reshape(b, tp, n, h)[:, :t]
+
+
+def blocked(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_start: jax.Array,
+    k_end: jax.Array,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    window: int | None = None,
+    lookahead: int = 0,
+    chunk: int = 128,
+) -> jax.Array:
+    """Self-attention in query chunks, each over the static key range its band can reach: chunk [c0, c1)
+    sees keys [c0 - window + 1, c1 + lookahead) at most. A causal row of T keys then scores ~T^2 / 2 pairs,
+    not T^2, for sequences too short for the banded path. Equals reference.attention whenever every query
+    t's interval lies in [t - window + 1, t + lookahead] (window None: unbounded back)."""
+    b, t = q.shape[:2]
+    if k.shape[:2] != (b, t) or v.shape != k.shape:
+        raise ValueError(f"blocked attention is self-attention (S == T); got q {q.shape}, k {k.shape}, v {v.shape}")
+    outs = []
+    for c0 in range(0, t, chunk):
+        c1 = min(c0 + chunk, t)
+        lo = 0 if window is None else max(0, c0 - window + 1)
+        hi = min(t, c1 + lookahead)
+        pos = jnp.broadcast_to(jnp.arange(lo, hi, dtype=jnp.int32), (b, hi - lo))
+        outs.append(reference.attention(q[:, c0:c1], k[:, lo:hi], v[:, lo:hi], k_start[:, c0:c1], k_end[:, c0:c1],
+                                        scale=scale, softcap=softcap, k_pos=pos))
+    return jnp.concatenate(outs, axis=1)

@@ -409,3 +409,42 @@ def test_model_trained_with_auto_on_hopper_routes_its_layers(monkeypatch, faked_
     ours, xla = err(routed), err(rounded)
     assert np.sqrt(np.sum(ours**2) / np.sum(xla**2)) <= 1.25  # measured 0.99
     assert np.all(ours <= 2 * xla), ours / xla  # per parameter, measured at most 1.42
+
+
+@pytest.mark.parametrize("t, window, lookahead, softcap", [
+    (200, None, 0, None),   # causal global layer: 4 chunks of 64, the last one short
+    (257, 100, 0, 30.0),    # sliding window shorter than the row (T < BANDED_MIN_LEN * window)
+    (300, 50, 63, None),    # a bidirectional 64-token image block: keys up to 63 ahead
+])
+def test_blocked_xla_path_equals_reference(t, window, lookahead, softcap):
+    """A promised band too short for the banded path runs in query chunks over the keys each can reach:
+    values and gradients equal the reference's, with left padding, two packed segments and an image block."""
+    rng = np.random.default_rng(t)
+    b, n, kv, h = 2, 4, 2, 16
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((b, t, n, h), (b, t, kv, h), (b, t, kv, h)))
+    pos = np.broadcast_to(np.arange(t), (b, t))
+    starts = np.array([[0], [9]])  # row 1: 9 padding rows (empty intervals)
+    k_start = np.maximum(pos - (window or t) + 1, starts)
+    k_start[1, 150:] = np.maximum(k_start[1, 150:], 150)  # row 1: a second packed segment from 150
+    k_end = np.where(pos >= starts, pos, -1)
+    if lookahead:
+        image = (120, 120 + lookahead + 1)
+        inside = (pos >= image[0]) & (pos < image[1])
+        k_start, k_end = np.where(inside, np.minimum(k_start, image[0]), k_start), np.where(inside, image[1] - 1, k_end)
+    k_start, k_end = jnp.asarray(k_start, jnp.int32), jnp.asarray(k_end, jnp.int32)
+    do = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+    kw = dict(scale=0.25, softcap=softcap)
+
+    def grads(fn):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * do), argnums=(0, 1, 2)))(q, k, v)
+
+    want = grads(lambda q, k, v: kernels.reference.attention(q, k, v, k_start, k_end, **kw))
+    got = grads(lambda q, k, v: kernels.attention(q, k, v, k_start, k_end, impl="xla", window=window,
+                                                  lookahead=lookahead, **kw))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5 * max(1.0, float(jnp.abs(w).max())), rtol=0)
+    # the blocked path ran: no [T, T] score matrix in the traced computation
+    f = lambda q, k, v: kernels.attention(q, k, v, k_start, k_end, impl="xla", window=window,  # noqa: E731
+                                          lookahead=lookahead, **kw)
+    shapes = [tuple(e.outvars[0].aval.shape) for e in jax.make_jaxpr(f)(q, k, v).jaxpr.eqns if e.outvars]
+    assert not any(s[-2:] == (t, t) for s in shapes)
