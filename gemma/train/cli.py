@@ -203,9 +203,6 @@ def distill_main(args) -> int:
                                            max_new_tokens=args.max_new_tokens)
         distill_run.check_targets(targets, dc)
         config = train_config(args)
-        if args.quantize and (not args.lora_rank or config.compute_dtype != "float32"):
-            return fail(f"--quantize {args.quantize} trains LoRA adapters over frozen quantized weights: it needs "
-                        f"--lora-rank and --dtype float32 (bfloat16 would round the quantization scales)")
         mesh = sharding.make_mesh(args.mesh)
         for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
             if path is not None and not os.path.isfile(path):
