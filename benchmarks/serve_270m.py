@@ -6,7 +6,8 @@ OpenAI-compatible server (`python -m llama_cpp.server`) on the same GGUF file, s
 Each server runs as its own process on 127.0.0.1. At each concurrency c, c client threads take requests
 from one list (max(c, 2) requests, distinct prompts, greedy, max_tokens each) and post them as plain
 (non-streamed) completions; tokens/s = completion tokens (from usage) / wall time of the level; latency =
-each request's post to answer. One warm-up request per server first (and our warm-up compiles).
+each request's post to answer. --warmup requests per server first, each max_tokens long (llama.cpp's
+first few requests after start run several times slower than the rest; our warm-up also compiles).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def run_level(url: str, model: str, texts: list[str], clients: int, max_tokens: 
             "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
-def bench(name: str, cmd: list[str], env: dict, levels: list[int], max_tokens: int, startup: float) -> list[dict]:
+def bench(name: str, cmd: list[str], env: dict, levels: list[int], max_tokens: int, startup: float,
+          warmup: int) -> list[dict]:
     port = free_port()
     cmd = [c.replace("{port}", str(port)) for c in cmd]
     url = f"http://127.0.0.1:{port}"
@@ -99,7 +101,8 @@ def bench(name: str, cmd: list[str], env: dict, levels: list[int], max_tokens: i
         wait_up(url, proc, startup)
         print(f"[{name}] up in {time.perf_counter() - t:.1f} s", flush=True)
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        run_level(url, model, ["Warm up: hello"], 1, 4)
+        for _ in range(warmup):  # full-length requests: llama.cpp's first few run several times slower
+            run_level(url, model, ["Warm up: hello"], 1, max_tokens)
         rows, offset = [], 0
         for c in levels:
             count = max(c, 2)
@@ -125,6 +128,7 @@ def main() -> None:
     ap.add_argument("--levels", default="1,4,16,32", help="concurrent clients, comma-separated")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up requests (max-tokens long) per server")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="our parameter dtype")
     ap.add_argument("--only", choices=["ours", "llama"], default=None)
     ap.add_argument("--json", default=None, help="write the results here")
@@ -149,13 +153,13 @@ def main() -> None:
         ours_env = {**env, "OMP_NUM_THREADS": str(args.threads)}  # XLA's pool: one thread per core
         cmd = [sys.executable, "-m", "gemma", "serve", "--model", gguf, "--port", "{port}",
                "--max-batch", str(max(levels)), "--max-len", str(max_len), "--dtype", args.dtype]
-        results["ours"] = bench("ours", cmd, ours_env, levels, args.max_tokens, 1200)
+        results["ours"] = bench("ours", cmd, ours_env, levels, args.max_tokens, 1200, args.warmup)
     if args.only in (None, "llama"):
         cmd = [args.reference_python, "-m", "llama_cpp.server", "--model", gguf, "--port", "{port}",
                "--host", "127.0.0.1", "--n_ctx", str(max_len), "--n_threads", str(args.threads),
                "--n_threads_batch", str(args.threads), "--interrupt_requests", "False", "--model_alias",
                "gemma3-270m", "--verbose", "False"]
-        results["llama_cpp_server"] = bench("llama.cpp", cmd, env, levels, args.max_tokens, 300)
+        results["llama_cpp_server"] = bench("llama.cpp", cmd, env, levels, args.max_tokens, 300, args.warmup)
     results["loadavg_after"] = os.getloadavg()
     if "ours" in results and "llama_cpp_server" in results:
         results["ratio_tok_s"] = {r["clients"]: round(r["tok_s"] / q["tok_s"], 2)

@@ -10,6 +10,7 @@ import kernels
 from gemma.cache import EMPTY, LayerCache
 from gemma.config import GemmaConfig
 from gemma.layers import RMSNorm, rope
+from kernels import cpu_decode
 from kernels.dense import Einsum
 
 
@@ -93,6 +94,10 @@ class Attention(nnx.Module):
                 keys = jnp.concatenate([old_k, keys], axis=1)
                 values = jnp.concatenate([old_v, values], axis=1)
                 k_pos = jnp.concatenate([cache.slot_positions(length), k_pos], axis=1)
-        out = kernels.attention(q, keys, values, k_start, k_end, scale=self.scale, softcap=self.softcap,
-                                k_pos=k_pos, impl=self.impl)
+        if x.shape[1] == 1 and kernels.resolve(self.impl) == "xla" and cpu_decode.usable():
+            # one token per row on CPU: XLA's einsums copy the values transposed every step
+            out = cpu_decode.attention(q, keys, values, k_start, k_end, k_pos, scale=self.scale, softcap=self.softcap)
+        else:
+            out = kernels.attention(q, keys, values, k_start, k_end, scale=self.scale, softcap=self.softcap,
+                                    k_pos=k_pos, impl=self.impl)
         return self.o_proj(out), new_cache

@@ -90,8 +90,8 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
     compiled program serves any mix): temperature [B] (0: greedy), top_k [B] (0: off), top_p [B]
     (1: off), one key per row [B]. A row's draw depends on its own logits and key only.
     Sorting the vocabulary is paid only when some sampled row truncates."""
+    greedy = greedy_rows(logits)
     logits = logits[:, :VOCAB_SIZE]
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampled_rows = temperature > 0
     draw = _inverse_cdf
 
@@ -111,6 +111,16 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
 
     token = jax.lax.cond(jnp.any(sampled_rows), sampled, lambda: greedy)
     return jnp.where(sampled_rows, token, greedy)
+
+
+def greedy_rows(logits: jax.Array) -> jax.Array:
+    """jnp.argmax(logits[:, :VOCAB_SIZE], axis=-1) as int32 [B]; on CPU one pass of kernels.cpu_decode.argmax
+    (the same ids: first of equal maxima), where XLA's argmax took 18 ms of a 16-row 270M step."""
+    from kernels import cpu_decode
+
+    if cpu_decode.usable() and logits.ndim == 2 and logits.dtype == jnp.float32:
+        return cpu_decode.argmax(logits, VOCAB_SIZE)
+    return jnp.argmax(logits[:, :VOCAB_SIZE], axis=-1).astype(jnp.int32)
 
 
 def _inverse_cdf(keys: jax.Array, values: jax.Array) -> jax.Array:

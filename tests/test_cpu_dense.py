@@ -48,6 +48,27 @@ def test_kernel_is_bitwise_reproducible(layout, rows):
     np.testing.assert_array_equal(np.asarray(f(x[:8], w, layout)), first[:8])
 
 
+@pytest.mark.skipif(not cpu_dense.bf16_dot(), reason="needs AVX512_BF16 (vdpbf16ps)")
+@pytest.mark.parametrize("layout", ["minor", "major"])
+@pytest.mark.parametrize("m,d,v", [(1, 640, 2048), (3, 37, 1030), (16, 64, 17), (8, 96, 3000), (2, 5, 1),
+                                   (5, 203, 77), (11, 1000, 40), (7, 16, 4099), (3, 0, 20), (16, 640, 16384),
+                                   (32, 640, 2048), (29, 96, 3000), (13, 2048, 640)])
+def test_bf16_activations_on_the_bf16_dot(layout, m, d, v):
+    """bf16 x against bf16 w (vdpbf16ps, no widening): ragged D (odd: the last weight row paired with zeros),
+    ragged V (tail tiles), every row-group size; each row's result equals the same row computed alone."""
+    rng = np.random.default_rng(m * 1000 + d)
+    x = jnp.asarray(rng.standard_normal((m, d)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((v, d) if layout == "minor" else (d, v)), jnp.bfloat16)
+    spec = "MD,VD->MV" if layout == "minor" else "MD,DV->MV"
+    want = jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+    f = jax.jit(cpu_dense.dense, static_argnums=2)
+    got = np.asarray(f(x, w, layout))
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, np.asarray(want), atol=2e-5 * np.sqrt(d), rtol=1e-5)
+    for row in {0, m - 1}:
+        np.testing.assert_array_equal(np.asarray(f(x[row:row + 1], w, layout)), got[row:row + 1])
+
+
 def test_rows_routed_to_the_kernel_per_dtype():
     """bf16 weights up to 32 rows, f32 up to 16 (measured crossovers); other dtypes never."""
     x = jnp.zeros((1, 8), jnp.float32)

@@ -6,12 +6,14 @@
     engine.close()
 
 A background thread owns the device state. Each loop it swaps in new weights if
-the learner gave some, admits queued requests into free slots, prefills one
-chunk of a joining prompt into a batch-1 cache (the Sampler's prefill, so a
-prompt is laid out exactly as `Sampler.generate` lays it out), copies a finished
-prefill into its slot(s), and runs one jitted decode step over all S rows with
-per-row positions, sampling parameters and keys. Shapes are fixed (S rows,
-max_len slots, bucketed prefill widths), so nothing compiles after warm-up.
+the learner gave some, admits queued requests into free slots, prefills chunks
+of joining prompts (up to prefill_chunk tokens in all, so that many short prompts
+joining together start decoding in the same step) each into a batch-1 cache (the
+Sampler's prefill, so a prompt is laid out exactly as `Sampler.generate` lays it
+out), copies a finished prefill into its slot(s), and runs one jitted decode step
+over all S rows with per-row positions, sampling parameters and keys. Shapes are
+fixed (S rows, max_len slots, bucketed prefill widths), so nothing compiles after
+warm-up.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from gemma.sampler import (IncrementalText, Sampler, SamplingParams, _bucket, ch
 from gemma.serve.metrics import Metrics
 from gemma.tokenizer import Tokenizer
 from gemma.transformer import Transformer
+import kernels
+from kernels import cpu_decode
 
 TOP_LOGPROBS = 5  # most alternatives a token's logprobs may list (the OpenAI API's limit too)
 DEFAULT_MAX_LEN = 4096
@@ -182,6 +186,7 @@ class _Prefill:
     slots: list[int]
     chunks: Iterator
     remaining: int  # chunks still to run
+    chunk: int  # tokens per chunk (the prompt's bucket width, at most prefill_chunk)
     version: int
     result: tuple | None = None
 
@@ -193,7 +198,8 @@ class Engine:
       model, tokenizer: as for `Sampler`.
       max_batch: S, the slots (rows decoded together).
       max_len: prompt + max_tokens per request (default: min(4096, the model's context)).
-      prefill_chunk: prompt tokens prefilled between two decode steps (as `Sampler`'s).
+      prefill_chunk: prompt tokens prefilled between two decode steps (a longer prompt: in chunks of this,
+        as `Sampler`'s; shorter prompts joining together: as many as fit in it).
       max_wait_ms: an idle engine waits this long for more requests before it starts a partial batch.
       max_staleness: refuse requests made against weights more than this many versions old.
       weights_version: the version of the weights given.
@@ -355,7 +361,9 @@ class Engine:
                     continue
             try:
                 self._cancel_finished()
-                if self._prefills:
+                spent = 0  # prompts that joined: up to prefill_chunk tokens of them before the next step, so
+                while self._prefills and spent < self.sampler.prefill_chunk:  # decode runs on full batches
+                    spent += self._prefills[0].chunk
                     self._advance_prefill()
                 if any(self._slots):
                     self._step()
@@ -405,8 +413,8 @@ class Engine:
             row = self.sampler.new_cache(1, self.max_len)
             chunks = self.sampler.prefill_chunks([list(gen.request.ids)], row)
             width = _bucket(len(gen.request.ids), self.sampler.prefill_chunk)
-            count = -(-width // min(width, self.sampler.prefill_chunk))
-            self._prefills.append(_Prefill(gen, slots, chunks, count, self.weights_version))
+            chunk = min(width, self.sampler.prefill_chunk)
+            self._prefills.append(_Prefill(gen, slots, chunks, -(-width // chunk), chunk, self.weights_version))
         self.metrics.queued = len(self._queue)
         self.metrics.running = self.running
 
@@ -533,7 +541,7 @@ class Engine:
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def _install(cache: Cache, logits: jax.Array, row: Cache, row_logits: jax.Array, slot: jax.Array):
     """`cache` and `logits` with row `slot` replaced by a prefilled batch-1 `row` and its last logits."""
-    put = lambda big, one: jax.lax.dynamic_update_slice_in_dim(big, one.astype(big.dtype), slot, axis=0)
+    put = lambda big, one: cpu_decode.put_rows(big, one, slot)  # in place (XLA:CPU widens a bf16 update)
     return jax.tree.map(put, cache, row), put(logits, row_logits)  # every array: k, v, int8 scales, length
 
 
@@ -545,10 +553,14 @@ def _decode_step(graphdef, state, cache, logits, keys, counts, temperature, top_
     values and ids [rows, TOP_LOGPROBS] (zeros unless want_top), next logits, cache). Only the first
     `rows` (static) slots are computed: the per-row inputs hold those; the rest of the cache is kept."""
     whole, whole_logits = cache, logits
-    if rows < cache.batch_size:
-        cache = jax.tree.map(lambda a: a[:rows], cache)  # every array, int8 scales included
-        logits = logits[:rows]
     model = nnx.merge(graphdef, state)
+    # On CPU the kernels (cache write, attention) take the first `rows` rows of the whole cache in place: a
+    # Cache of the whole arrays with `rows` lengths. Elsewhere the prefix is sliced out and put back.
+    in_place = cpu_decode.usable() and all(kernels.resolve(b.attn.impl) == "xla" for b in model.layers)
+    if rows < cache.batch_size:
+        cache = (Cache(cache.layers, cache.length[:rows]) if in_place else
+                 jax.tree.map(lambda a: a[:rows], cache))  # every array, int8 scales included
+        logits = cpu_decode.take_rows(logits, rows)
     keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), counts)
     token = sample_rows(logits, keys, temperature, top_k, top_p)
     # logprob = logit - logsumexp: one reduction pass, not a [rows, 262144] log_softmax written out
@@ -565,7 +577,8 @@ def _decode_step(graphdef, state, cache, logits, keys, counts, temperature, top_
         want_top, top, lambda: (jnp.zeros((s, TOP_LOGPROBS), words.dtype), jnp.zeros((s, TOP_LOGPROBS), jnp.int32)))
     logits, cache = feed(model, cache, token, ~active)
     if rows < whole.batch_size:
-        put = lambda big, part: big.at[:rows].set(part)
-        cache = jax.tree.map(put, whole, cache)
+        put = lambda big, part: cpu_decode.put_rows(big, part, 0)  # in place (XLA:CPU widens a bf16 update)
+        cache = (Cache(cache.layers, put(whole.length, cache.length)) if in_place else
+                 jax.tree.map(put, whole, cache))
         logits = put(whole_logits, logits)
     return token, chosen, top_values, top_ids, logits, cache
