@@ -287,22 +287,6 @@ void bx_minor_rows(const uint16_t* xp, int64_t M, const uint16_t* Wt, float* Y, 
 
 constexpr int64_t kMinorGroup = 4;  // rows of x per tile: 4 rows x 4 weight rows (8 x 2 and 2 x 8 measured slower)
 
-template <int64_t G, typename F>
-void by_row_groups_of(int64_t M, F f) {
-  for (int64_t m0 = 0; m0 < M; m0 += G) {
-    switch (std::min(G, M - m0)) {
-      case 1: f(m0, std::integral_constant<int, 1>{}); break;
-      case 2: f(m0, std::integral_constant<int, 2>{}); break;
-      case 3: f(m0, std::integral_constant<int, 3>{}); break;
-      case 4: f(m0, std::integral_constant<int, 4>{}); break;
-      case 5: f(m0, std::integral_constant<int, 5>{}); break;
-      case 6: f(m0, std::integral_constant<int, 6>{}); break;
-      case 7: f(m0, std::integral_constant<int, 7>{}); break;
-      default: f(m0, std::integral_constant<int, (G < 8 ? G : 8)>{}); break;
-    }
-  }
-}
-
 void bx_dense_minor(ffi::ThreadPool& pool, const uint16_t* X, const uint16_t* Wt, float* Y, int64_t M, int64_t D,
                     int64_t V, int64_t threads) {
   thread_local std::vector<uint16_t> xp;

@@ -53,12 +53,13 @@ inline int64_t chunk_rows(int64_t rows, int64_t row_bytes, int64_t threads, int6
 
 constexpr int64_t kMaxRows = 8;  // rows of x held against one weight vector; more rows loop
 
-// Calls f(m0, std::integral_constant<int, MM>) for the row groups [m0, m0 + MM) of M rows, MM <= kMaxRows:
+// Calls f(m0, std::integral_constant<int, MM>) for the row groups [m0, m0 + MM) of M rows, MM <= G <= kMaxRows:
 // the kernels are compiled for each row count, so every row of a group stays in registers.
-template <typename F>
-void by_row_groups(int64_t M, F f) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    switch (std::min(kMaxRows, M - m0)) {
+template <int64_t G, typename F>
+void by_row_groups_of(int64_t M, F f) {
+  static_assert(1 <= G && G <= kMaxRows, "row groups hold 1 to kMaxRows rows");
+  for (int64_t m0 = 0; m0 < M; m0 += G) {
+    switch (std::min(G, M - m0)) {
       case 1: f(m0, std::integral_constant<int, 1>{}); break;
       case 2: f(m0, std::integral_constant<int, 2>{}); break;
       case 3: f(m0, std::integral_constant<int, 3>{}); break;
@@ -66,9 +67,14 @@ void by_row_groups(int64_t M, F f) {
       case 5: f(m0, std::integral_constant<int, 5>{}); break;
       case 6: f(m0, std::integral_constant<int, 6>{}); break;
       case 7: f(m0, std::integral_constant<int, 7>{}); break;
-      default: f(m0, std::integral_constant<int, 8>{}); break;
+      default: f(m0, std::integral_constant<int, G>{}); break;
     }
   }
+}
+
+template <typename F>
+void by_row_groups(int64_t M, F f) {
+  by_row_groups_of<kMaxRows>(M, f);
 }
 
 inline int64_t threads_of(xla::ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }  // XLA's parallelism
