@@ -54,14 +54,19 @@ def dense(spec: str, x: jax.Array, w: jax.Array | QArray, preferred_element_type
         y = matmul(x.reshape(rows, k), w.flat())
         return y.reshape(*x.shape[:len(batch)], *rest_shape).astype(preferred_element_type or x.dtype)
     layout = "major" if rhs == contract + rest else "minor" if rhs == rest + contract else None
-    if layout is None or lhs != batch + contract or out != batch + rest or not cpu_dense.usable(x, w, rows):
+    if layout is None or lhs != batch + contract or out != batch + rest:
         return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
     k = math.prod(x.shape[len(batch):])
-    w2 = w.reshape(k, -1) if layout == "major" else w.reshape(-1, k)
-    y = cpu_dense.dense(x.reshape(rows, k), w2, layout)
+    x2, w2 = x.reshape(rows, k), (w.reshape(k, -1) if layout == "major" else w.reshape(-1, k))
     rest_shape = w.shape[len(contract):] if layout == "major" else w.shape[:len(rest)]
-    dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
-    return y.reshape(*x.shape[:len(batch)], *rest_shape).astype(dtype)
+    if cpu_dense.usable(x, w, rows):
+        dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
+        y = cpu_dense.dense(x2, w2, layout).astype(dtype)
+    else:
+        # one [rows, k] product, not the einsum over (batch..., contract...): differentiating the einsum,
+        # XLA CPU wrote each weight gradient's [rows, out] operand transposed (a strided copy per product)
+        y = jnp.matmul(x2, w2 if layout == "major" else w2.T, preferred_element_type=preferred_element_type)
+    return y.reshape(*x.shape[:len(batch)], *rest_shape)
 
 
 class Einsum(nnx.Module):
