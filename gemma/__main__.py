@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
 
     train_cli.add_parser(sub)
     train_cli.add_distill_parser(sub)
+    from gemma.train import reward_cli
+
+    reward_cli.add_parser(sub)
     from gemma.serve import cli as serve_cli
 
     serve_cli.add_parser(sub)
@@ -205,6 +208,11 @@ def _main(argv: list[str] | None) -> int:
 
         _enable_compilation_cache()
         return train_cli.distill_main(args)
+    if args.command == "reward-model":
+        from gemma.train import reward_cli
+
+        _enable_compilation_cache()
+        return reward_cli.main(args)
     if args.command == "serve":
         from gemma.serve import cli as serve_cli
 

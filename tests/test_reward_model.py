@@ -1,15 +1,18 @@
-"""Reward models: the losses on hand-made numbers, the last-real-token head, the synthetic entailment set, a tiny
-entailment reward model's held-out accuracy, and WARM (the average of 3 fine-tuned members vs their mean)."""
+"""Reward models: the losses on hand-made numbers, the last-real-token head, save / load (bit-exact, and the errors
+for the wrong kind of directory), the synthetic entailment set, a tiny entailment reward model's held-out accuracy,
+and WARM (the average of 3 fine-tuned members vs their mean)."""
 
 import os
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+import checkpoints
 from gemma import config
 from gemma.train import merges, reward_model as R, trainer as T
 from gemma.transformer import Transformer
@@ -104,6 +107,53 @@ def test_bradley_terry_training_separates_a_batch_of_pairs():
     history = R.train(rm, [pairs] * 40, T.TrainConfig(steps=40, learning_rate=3e-3))
     assert history[0]["loss"] == pytest.approx(np.log(2.0), rel=1e-5)  # zero head: every reward 0
     assert history[-1]["loss"] < 0.2 and R.accuracy(rm, [pairs]) == 1.0
+
+
+# ---------------------------------------------------------------- save and load
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_reward_model_save_load_round_trip_is_bit_exact(tmp_path, dtype):
+    backbone = Transformer(config.tiny(), dtype=dtype, rngs=nnx.Rngs(1))
+    rm = R.RewardModel(backbone)
+    rng = np.random.default_rng(0)
+    rm.head.w[...] = jnp.asarray(rng.normal(size=rm.head.w.shape), jnp.float32)
+    rm.head.b[...] = jnp.float32(0.37)
+    checkpoints.save(rm, tmp_path / "rm")
+    back = checkpoints.load_reward_model(tmp_path / "rm", dtype=None)
+    assert isinstance(back, R.RewardModel) and back.backbone.config == backbone.config
+    assert back.backbone.dtype == jnp.dtype(dtype) and back.head.w[...].dtype == jnp.float32
+    a, b = _param_arrays(rm), _param_arrays(back)
+    assert a.keys() == b.keys() and any("head" in k for k in a)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        np.testing.assert_array_equal(a[k].astype(np.float32), b[k].astype(np.float32), err_msg=k)
+    tokens = np.asarray([[2, 10, 20, 30], [0, 2, 40, 50]])
+    np.testing.assert_array_equal(rm(tokens, tokens != 0), back(tokens, tokens != 0))
+    as_bf16 = checkpoints.load_reward_model(tmp_path / "rm", dtype=jnp.bfloat16)  # the head stays exact
+    np.testing.assert_array_equal(as_bf16.head.w[...], rm.head.w[...])
+    assert as_bf16.backbone.layers[0].attn.q_proj.w[...].dtype == jnp.bfloat16
+
+
+def test_the_wrong_kind_of_directory_is_named(tmp_path):
+    checkpoints.save(Transformer(config.tiny(), rngs=nnx.Rngs(0)), tmp_path / "policy")
+    checkpoints.save(R.RewardModel(Transformer(config.tiny(), rngs=nnx.Rngs(0))), tmp_path / "rm")
+    with pytest.raises(ValueError, match=r"holds a policy \(a Transformer without a reward head\), not a reward "
+                                         r"model; train one from it with `python -m gemma reward-model"):
+        checkpoints.load_reward_model(tmp_path / "policy")
+    with pytest.raises(ValueError, match=r"holds a reward model .* load it with checkpoints.load_reward_model"):
+        checkpoints.load(tmp_path / "rm")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 16)
+    with pytest.raises(ValueError, match=r"is a gguf checkpoint of a policy, not a reward model"):
+        checkpoints.load_reward_model(gguf)
+    with pytest.raises(TypeError, match="takes a gemma.Transformer or a reward_model.RewardModel"):
+        checkpoints.save(R.ScalarHead(4), tmp_path / "head")
+
+
+def _param_arrays(model):
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in
+            jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))}
 
 
 # ---------------------------------------------------------------- the synthetic entailment set

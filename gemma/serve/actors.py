@@ -9,7 +9,9 @@ Each actor process takes one prompt at a time from the supervisor over its own p
 for a completion over HTTP (token logprobs included), computes the reward, and sends the rollout
 back. The supervisor (a thread of the learner's process) restarts an actor that dies and re-queues
 the prompt it held; rollouts are delivered once per request id, so a prompt is never lost and never
-answered twice, even when an actor dies after sending its result.
+answered twice, even when an actor dies after sending its result. A reward function that raises or
+returns something other than a finite number does not stop its actor: the rollout arrives with reward
+NaN and `error` saying why (the learner drops it), counted in `Actors.reward_errors`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import math
 import multiprocessing as mp
 import queue
 import threading
@@ -35,6 +38,19 @@ class Rollout:
     reward: float
     weights_versions: tuple[int, int]  # first and last version the completion was generated under
     actor: int
+    error: str | None = None  # why the reward is NaN: the reward function raised or gave no finite number
+
+
+def score(reward: Callable[[str, str], float], prompt: str, completion: str) -> tuple[float, str | None]:
+    """(reward(prompt, completion), None), or (NaN, why) when it raises or returns no finite number."""
+    try:
+        value = reward(prompt, completion)
+        number = float(value)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's function is reported with the rollout
+        return math.nan, f"the reward function raised {type(e).__name__}: {e}"
+    if not math.isfinite(number):
+        return math.nan, f"the reward function returned {value!r}, not a finite number"
+    return number, None
 
 
 def _actor_main(conn, index: int, url: str, reward: Callable[[str, str], float], request: dict,
@@ -55,9 +71,10 @@ def _actor_main(conn, index: int, url: str, reward: Callable[[str, str], float],
                     raise RuntimeError(f"the server answered {r.status_code}: {r.text[:500]}")
                 choice = r.json()["choices"][0]
                 text = choice["text"]
+                value, error = score(reward, prompt, text)
                 message = ("rollout", Rollout(rid, prompt, text, choice["logprobs"]["tokens"],
-                                              choice["logprobs"]["token_logprobs"], float(reward(prompt, text)),
-                                              tuple(choice["weights_versions"]), index))
+                                              choice["logprobs"]["token_logprobs"], value,
+                                              tuple(choice["weights_versions"]), index, error))
             except Exception as e:  # noqa: BLE001 - reported to the supervisor, which re-queues the prompt
                 message = ("error", rid, f"{type(e).__name__}: {e}")
             try:
@@ -71,6 +88,7 @@ class Actors:
 
     request: the /v1/completions fields each actor sends (max_tokens, temperature, ...).
     max_attempts: a prompt whose request fails this many times is given up (reported in `failed`).
+    reward_errors: rollouts delivered with a NaN reward (the reward function raised or gave no finite number).
     """
 
     def __init__(self, url: str, reward: Callable[[str, str], float], num_actors: int = 8, *,
@@ -91,6 +109,7 @@ class Actors:
         self._out: queue.Queue[Rollout] = queue.Queue()
         self.failed: dict[int, str] = {}
         self.restarts = 0
+        self.reward_errors = 0
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._procs: list = [None] * num_actors
@@ -206,6 +225,7 @@ class Actors:
             self.inflight[i] = None
             if rollout.request_id not in self._delivered:
                 self._delivered.add(rollout.request_id)
+                self.reward_errors += rollout.error is not None
                 self._out.put(rollout)
         else:
             self._requeue(i, message[2])

@@ -79,8 +79,9 @@ class Batch(NamedTuple):
 # ---------------------------------------------------------------- reading and validating records
 
 
-def _read(path) -> list[tuple[int, dict]]:
-    """(line number, record) for each non-blank line, parsed and validated."""
+def _read(path, parse=None, formats: str = _FORMATS) -> list[tuple[int, dict]]:
+    """(line number, record) for each non-blank line, parsed and validated by `parse(record, "FILE:LINE")`
+    (default: the fine-tuning formats; `formats` names what an empty file should have held)."""
     out = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -95,11 +96,11 @@ def _read(path) -> list[tuple[int, dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
-            _parse(record, where)
+            (parse or _parse)(record, where)
             out.append((lineno, record))
     if not out:
         raise ValueError(f"{os.fspath(path)}: no examples (the file is empty); expected one JSON object a "
-                         f"line with the fields {_FORMATS}")
+                         f"line with the fields {formats}")
     return out
 
 

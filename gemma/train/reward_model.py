@@ -3,8 +3,10 @@
     rm = RewardModel(Transformer(config, rngs=nnx.Rngs(0)))
     scores = rm(tokens, input_mask)                        # f32 [B]: w . h_last + b
     history = train(rm, batches, TrainConfig(steps=200, learning_rate=1e-3))   # Pairs or Labelled batches
+    trainer = RewardTrainer(rm, config); trainer.step(batch); trainer.model()  # step by step (run directories)
     accuracy(rm, held_out)                                 # P(r_chosen > r_rejected), or P((s > 0) == label)
     r = entailment_reward(rm(tokens, mask))                # log P(entailed | document, summary)
+    checkpoints.save(rm, DIR); checkpoints.load_reward_model(DIR)   # backbone and head, bit-exact
 
 Losses: Bradley-Terry on preference pairs, -log sigmoid(r_chosen - r_rejected) (the reward-model loss of WARM,
 Ramé et al. 2024); the entailment cross-entropy on (document, summary, entailed) triples with the score as the
@@ -111,26 +113,56 @@ def _loss_sum(graphdef, compute_dtype, remat, trainable, batch):
 # ---------------------------------------------------------------- training and evaluation
 
 
+class RewardTrainer:
+    """One reward model's parameters, optimizer state and jitted step: what `train` loops, and what a run
+    directory (gemma.train.reward_run) checkpoints. `trainable`, `opt_state` and `step_count` are named as
+    gemma.train.trainer.Trainer's, so gemma.train.run's checkpoint helpers save and restore them. The
+    trainable state is donated to each step; `model()` is a copy on the host."""
+
+    def __init__(self, model: RewardModel, config: TrainConfig):
+        if not isinstance(model, RewardModel):
+            raise TypeError(f"train takes a RewardModel, got {type(model).__name__}")
+        if config.lora:
+            raise ValueError("reward-model training trains every parameter; give lora_rank=None")
+        if config.grad_accum != 1:
+            raise ValueError(f"reward-model training takes one batch a step; give grad_accum=1, got "
+                             f"{config.grad_accum}")
+        self.config = config
+        self.vocab_size = model.backbone.config.vocab_size
+        self.graphdef, trainable = nnx.split(model, nnx.Param)
+        self.optimizer, self._step = _step(self.graphdef, config)
+        self.trainable = jax.tree.map(jnp.array, trainable)  # a copy: the step donates it
+        self.opt_state = self.optimizer.init(self.trainable)
+        self.step_count = 0
+
+    def step(self, batch) -> dict[str, float]:
+        """One AdamW step on one Pairs or Labelled batch: {"loss", "grad_norm", "learning_rate"}."""
+        batch = _check_batch(batch, self.vocab_size)
+        lr = float(self.config.schedule()(self.step_count))
+        self.trainable, self.opt_state, metrics = self._step(self.trainable, self.opt_state,
+                                                             jax.tree.map(lambda x: x[None], batch))
+        self.step_count += 1
+        return {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]), "learning_rate": lr}
+
+    def model(self) -> RewardModel:
+        """The current reward model, parameters copied to the host."""
+        return nnx.merge(self.graphdef, jax.device_get(self.trainable))
+
+
 def train(model: RewardModel, batches: Iterable, config: TrainConfig) -> list[dict[str, float]]:
     """config.steps AdamW steps of the Bradley-Terry (Pairs) or entailment (Labelled) loss, one batch each, on
     every parameter of `model` (updated in place). Returns each step's {"loss", "grad_norm"}."""
-    if not isinstance(model, RewardModel):
-        raise TypeError(f"train takes a RewardModel, got {type(model).__name__}")
-    if config.lora:
-        raise ValueError("reward-model training trains every parameter; give lora_rank=None")
-    graphdef, trainable = nnx.split(model, nnx.Param)
-    optimizer, step = _step(graphdef, config)
-    opt_state = optimizer.init(trainable)
+    trainer = RewardTrainer(model, config)
     history, it = [], iter(batches)
     for i in range(config.steps):
         try:
-            batch = _check_batch(next(it), model.backbone.config.vocab_size)
+            batch = next(it)
         except StopIteration:
             raise ValueError(f"batches ran out after {i} of config.steps={config.steps} steps") from None
-        trainable, opt_state, metrics = step(trainable, opt_state, jax.tree.map(lambda x: x[None], batch))
-        history.append(metrics)
-    nnx.update(model, trainable)
-    return [{"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])} for m in history]
+        m = trainer.step(batch)
+        history.append({"loss": m["loss"], "grad_norm": m["grad_norm"]})
+    nnx.update(model, trainer.trainable)
+    return history
 
 
 @functools.lru_cache(maxsize=16)
@@ -142,20 +174,29 @@ def _step(graphdef, config: TrainConfig):
     return optimizer, jax.jit(lambda t, o, b: accumulated_step(loss, optimizer, t, o, b), donate_argnums=(0, 1))
 
 
-def accuracy(model: RewardModel, batches: Iterable) -> float:
-    """Pairs: the share with r_chosen > r_rejected; Labelled: the share with (score > 0) == label."""
+def evaluate(model: RewardModel, batches: Iterable) -> dict[str, float]:
+    """{"accuracy", "loss"} over every pair or row of `batches`: accuracy as `accuracy`'s, loss the mean
+    Bradley-Terry or entailment loss (as training's, without updating anything)."""
     right = total = 0
+    loss_sum = 0.0
     for batch in batches:
         batch = _check_batch(batch, model.backbone.config.vocab_size)
         if isinstance(batch, Pairs):
-            hit = np.asarray(model(batch.chosen, batch.chosen_mask)) > np.asarray(model(batch.rejected,
-                                                                                        batch.rejected_mask))
+            chosen, rejected = np.asarray(model(batch.chosen, batch.chosen_mask)), np.asarray(
+                model(batch.rejected, batch.rejected_mask))
+            hit, loss = chosen > rejected, bradley_terry_loss(chosen, rejected)
         else:
-            hit = (np.asarray(model(batch.tokens, batch.mask)) > 0) == (np.asarray(batch.labels) > 0.5)
-        right, total = right + int(hit.sum()), total + hit.size
+            scores = np.asarray(model(batch.tokens, batch.mask))
+            hit, loss = (scores > 0) == (np.asarray(batch.labels) > 0.5), entailment_loss(scores, batch.labels)
+        right, total, loss_sum = right + int(hit.sum()), total + hit.size, loss_sum + float(loss) * hit.size
     if total == 0:
         raise ValueError("accuracy needs at least one example")
-    return right / total
+    return {"accuracy": right / total, "loss": loss_sum / total}
+
+
+def accuracy(model: RewardModel, batches: Iterable) -> float:
+    """Pairs: the share with r_chosen > r_rejected; Labelled: the share with (score > 0) == label."""
+    return evaluate(model, batches)["accuracy"]
 
 
 # ---------------------------------------------------------------- input checks
