@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
 
     train_cli.add_parser(sub)
     train_cli.add_distill_parser(sub)
+    from gemma.train import rl_cli  # noqa: E402
+    rl_cli.add_parser(sub)
     from gemma.serve import cli as serve_cli
 
     serve_cli.add_parser(sub)
@@ -205,6 +207,11 @@ def _main(argv: list[str] | None) -> int:
 
         _enable_compilation_cache()
         return train_cli.distill_main(args)
+    if args.command == "rl":
+        from gemma.train import rl_cli
+
+        _enable_compilation_cache()
+        return rl_cli.main(args)
     if args.command == "serve":
         from gemma.serve import cli as serve_cli
 
