@@ -244,12 +244,15 @@ def _metrics(path):
 
 def test_killed_run_resumes_to_the_bit(tmp_path):
     """Value baseline, rollouts one version behind (the pending batch is in the checkpoint), KL 0.1: killed after
-    step 3 (checkpoints at 2, 4, 6), rerun, equal to an uninterrupted run in every parameter and metric."""
+    step 5 (checkpoints at 2, 4, 6, written asynchronously: 2 is complete, 4 may be), rerun, equal to an
+    uninterrupted run in every parameter and metric."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     _run(whole)
-    _run(cut, "--kill-at-step", "3", killed=True)
+    _run(cut, "--kill-at-step", "5", killed=True)
     assert not os.path.exists(cut / "gemma_config.json")
-    assert sorted(int(d) for d in os.listdir(cut / "checkpoints") if d.isdigit()) == [2]
+    done = sorted(int(d) for d in os.listdir(cut / "checkpoints") if d.isdigit())
+    assert done in ([2], [2, 4]), done
+    assert max(x["step"] for x in _metrics(cut)) == 5
     _run(cut)
     for a, b in zip(_params(cut), _params(whole), strict=True):
         np.testing.assert_array_equal(a, b)

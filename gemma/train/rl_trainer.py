@@ -353,7 +353,9 @@ class RLTrainer(Trainer):
         self._score = jax.jit(functools.partial(_score, self.graphdef, self.ref_graphdef, config, rc, self.vocab))
         self.value_graphdef = self.value_trainable = self.value_opt_state = None
         if value is not None:
-            self.value_graphdef, self.value_trainable = nnx.split(value, nnx.Param)
+            self.value_graphdef, value_trainable = nnx.split(value, nnx.Param)
+            self.value_trainable = sharding.put(value_trainable, sharding.state_shardings(value_trainable,
+                                                                                          self.mesh))
             lr = rc.value_learning_rate or config.learning_rate
             self.value_optimizer = dataclasses.replace(config, learning_rate=lr, lora_rank=None).optimizer()
             self.value_opt_state = self.value_optimizer.init(self.value_trainable)
