@@ -346,3 +346,81 @@ def test_load_prompts_errors(tmp_path):
     with pytest.raises(ValueError, match=f"p.jsonl:2: the prompt has {len(long_text)} tokens, more than the "
                                          f"{len(hi)}"):
         rl_run.load_prompts(str(f), tok, max_len=len(hi), long="error")
+
+
+# ---------------------------------------------------------------- acceptance (issue 19)
+
+ACCEPT = dict(n=3, digits=10)  # 120 digit sets: 84 for training, 36 held out (never seen in training)
+
+
+def _measure_prompts(task, seed, count=128):
+    return task.prompts("heldout", count, np.random.default_rng([seed, 9]))  # not the warm-up's stopping set
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_acceptance_dense_verifier_raises_greedy_validity(seed):
+    """A warm-up policy solving 20-50% of held-out prompts greedily; 100 RL steps (8 prompts x 8 samples, the
+    group baseline, KL 0.05 to the warm-up) on the dense verifier raise held-out greedy validity >= 25 points
+    while the samples stay diverse (distinct completions per prompt > 1)."""
+    import time
+
+    task = RT.Task(**ACCEPT, seed=seed)
+    t0 = time.perf_counter()
+    policy, band_validity, warm_steps = RT.warm_up(task, seed)
+    measure = _measure_prompts(task, seed)
+    before = RT.B.validity(policy, task, measure)
+    cfg = T.TrainConfig(steps=100, batch_size=8, seq_len=task.seq_len, learning_rate=3e-3, end_learning_rate=3e-3,
+                        warmup_steps=5, seed=seed)
+    rc = RLT.RLConfig(samples_per_prompt=8, kl_alpha=0.05, max_new_tokens=task.n + 1,
+                      stop_ids=(task.tok.end_of_turn_id,))
+    train = RT.pairs(task.prompts("train", 256, np.random.default_rng([seed, 7])))
+    tr = RLT.RLTrainer(policy, task.tok, train, cfg, rc, RT.dense, metric=RT.valid)
+    t1 = time.perf_counter()
+    try:
+        ms = [tr.step() for _ in range(cfg.steps)]
+        after = RT.B.validity(tr.model(), task, measure)
+    finally:
+        tr.close()
+    distinct = np.mean([m["distinct"] for m in ms[-10:]])
+    print(f"seed {seed}: warm-up {warm_steps} steps ({band_validity:.3f} on its stopping set), held-out greedy "
+          f"validity {before:.3f} -> {after:.3f} ({after - before:+.3f}); sampled validity "
+          f"{np.mean([m['metric'] for m in ms[:10]]):.3f} -> {np.mean([m['metric'] for m in ms[-10:]]):.3f}; "
+          f"distinct of 8 {np.mean([m['distinct'] for m in ms[:10]]):.2f} -> {distinct:.2f}; KL {ms[-1]['kl']:.3f}; "
+          f"warm-up {t1 - t0:.0f} s, RL {time.perf_counter() - t1:.0f} s, load {os.getloadavg()[0]:.1f}")
+    assert 0.2 <= band_validity <= 0.5 and 0.15 <= before <= 0.55
+    assert after - before >= 0.25
+    assert distinct > 1.5
+
+
+def test_acceptance_kl_sweep_and_reward_hacking(tmp_path):
+    """The hackable proxy (precision: a one-digit answer scores 1) at alpha 0, 0.1 and 1: a larger alpha keeps the
+    KL to the warm-up lower at equal steps; the monitor (eval proxy reward up while held-out validity falls) flags
+    hacking at alpha 0, where the completions shrink."""
+    import time
+
+    seed = 0
+    task = RT.Task(**ACCEPT, seed=seed)
+    warm, _, _ = RT.warm_up(task, seed)
+    train = RT.pairs(task.prompts("train", 256, np.random.default_rng([seed, 7])))
+    held = RT.pairs(task.prompts("heldout", 64, np.random.default_rng([seed, 9])))
+    out = {}
+    for alpha in (0.0, 0.1, 1.0):
+        t0 = time.perf_counter()
+        cfg = T.TrainConfig(steps=50, batch_size=8, seq_len=task.seq_len, learning_rate=3e-3,
+                            end_learning_rate=3e-3, warmup_steps=5, seed=seed)
+        rc = RLT.RLConfig(samples_per_prompt=8, kl_alpha=alpha, max_new_tokens=task.n + 1,
+                          stop_ids=(task.tok.end_of_turn_id,))
+        r = rl_run.rl(RT.B.copy_of(warm), task.tok, train, str(tmp_path / f"a{alpha}"), config=cfg, rl_config=rc,
+                      reward=RT.proxy, metric=RT.valid, eval_prompts=held, eval_every=10, model_source="warm-up",
+                      data_source="permutations", progress=False)
+        lines = _metrics(tmp_path / f"a{alpha}")
+        steps, evals = [x for x in lines if "loss" in x], [x for x in lines if "eval_reward" in x]
+        out[alpha] = {"kl": np.mean([x["kl"] for x in steps[-5:]]), "hacking": r["hacking"],
+                      "proxy": [round(x["eval_reward"], 3) for x in evals],
+                      "validity": [round(x["eval_metric"], 3) for x in evals],
+                      "length": [round(x["eval_length"], 2) for x in evals], "seconds": time.perf_counter() - t0}
+        print(f"alpha {alpha}: {out[alpha]}, load {os.getloadavg()[0]:.1f}")
+    kls = [out[a]["kl"] for a in (0.0, 0.1, 1.0)]
+    assert kls[0] > kls[1] > kls[2], kls
+    assert out[0.0]["hacking"] is not None
+    assert out[0.0]["length"][-1] < out[0.0]["length"][0] - 0.5  # the short-answer hack
