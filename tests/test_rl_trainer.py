@@ -272,8 +272,9 @@ def test_killed_run_resumes_to_the_bit(tmp_path):
 
 
 def _cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "gemma", "rl", *args], capture_output=True, text=True, timeout=600,
-                          cwd=cwd, env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
+                          cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")

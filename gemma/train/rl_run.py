@@ -25,7 +25,6 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
-import jax
 from tqdm.auto import tqdm
 
 from gemma.chat import format_turn

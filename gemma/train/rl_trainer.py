@@ -17,7 +17,7 @@ r - alpha KL (rl.penalized_reward); the advantage is that minus the group's leav
 or minus a learned value of the prompt (`baseline="value"`: a RewardModel initialised from the policy, trained on
 the penalised rewards by squared error: Roit et al. 2023's critic, one value per prompt). The loss is
 
-    (1 - a) [ reinforce_loss(logp, engine logp, advantages, versions) + alpha mean_b sum_t KL_bt ] + a D(teacher || policy)
+    (1 - a) [reinforce_loss(logp, engine logp, advantages, versions) + alpha mean_b sum_t KL_bt] + a D(teacher || pi)
 
 rl.reinforce_loss (importance ratio pi / mu of each rollout against the weights version that sampled it, rollouts
 older than max_staleness versions dropped) for the score-function part, the differentiable per-token KL for its
