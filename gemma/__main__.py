@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
     train_cli.add_parser(sub)
     train_cli.add_distill_parser(sub)
-    from gemma.train import rl_cli  # noqa: E402
+    from gemma.train import rl_cli
     rl_cli.add_parser(sub)
     from gemma.serve import cli as serve_cli
 
