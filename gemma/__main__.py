@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     from gemma.train import reward_cli
 
     reward_cli.add_parser(sub)
+    from gemma.train import rl_cli
+
+    rl_cli.add_parser(sub)
     from gemma.serve import cli as serve_cli
 
     serve_cli.add_parser(sub)
@@ -213,6 +216,11 @@ def _main(argv: list[str] | None) -> int:
 
         _enable_compilation_cache()
         return reward_cli.main(args)
+    if args.command == "rl":
+        from gemma.train import rl_cli
+
+        _enable_compilation_cache()
+        return rl_cli.main(args)
     if args.command == "serve":
         from gemma.serve import cli as serve_cli
 

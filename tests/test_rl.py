@@ -22,6 +22,18 @@ def test_rloo_is_the_leave_one_out_mean():
     np.testing.assert_allclose(rl.rloo_advantages(np.array([1.0, 3.0])), [-2.0, 2.0])
 
 
+def test_rloo_with_a_mask_leaves_dropped_samples_out():
+    r = np.array([[1.0, 2.0, 3.0, 99.0], [5.0, 7.0, 0.0, 0.0], [4.0, 4.0, 4.0, 4.0]], np.float32)
+    m = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], bool)
+    adv = np.asarray(rl.rloo_advantages(r, m))
+    np.testing.assert_allclose(adv[0], [1 - 2.5, 2 - 2.0, 3 - 1.5, 0.0], rtol=1e-6)  # 99 ignored
+    np.testing.assert_allclose(adv[1], 0.0)  # one used sample: no baseline, no advantage
+    np.testing.assert_allclose(adv[2], 0.0)
+    np.testing.assert_allclose(rl.rloo_advantages(r[2:], np.ones((1, 4), bool)), rl.rloo_advantages(r[2:]))
+    with pytest.raises(ValueError, match="mask must have the rewards' shape"):
+        rl.rloo_advantages(r, m[:2])
+
+
 @pytest.mark.parametrize("shape", [(5, 1), (1,), ()])
 def test_rloo_needs_two_samples(shape):
     with pytest.raises(ValueError, match="n >= 2 samples per prompt"):

@@ -24,17 +24,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma.train import distill
-from gemma.train.loss import DEFAULT_CHUNK
+from gemma.train.loss import DEFAULT_CHUNK, _concrete
 
 
-def rloo_advantages(rewards: jax.Array) -> jax.Array:
-    """Leave-one-out advantages of n samples per prompt: rewards [..., n] -> r_i - (sum_j r_j - r_i) / (n - 1)."""
+def rloo_advantages(rewards: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Leave-one-out advantages of n samples per prompt: rewards [..., n] -> r_i - (sum_j r_j - r_i) / (n - 1).
+
+    mask [..., n] (optional): samples to use (a reward that failed: False). The baseline of sample i is then the
+    mean of the other used samples of its group; unused samples, and the samples of a group with fewer than two
+    used ones, get advantage 0."""
     rewards = jnp.asarray(rewards, jnp.float32)
     n = rewards.shape[-1] if rewards.ndim else 0
     if n < 2:
         raise ValueError(f"the leave-one-out baseline needs n >= 2 samples per prompt (rewards [..., n]), got "
                          f"shape {tuple(rewards.shape)}")
-    return rewards - (jnp.sum(rewards, axis=-1, keepdims=True) - rewards) / (n - 1)
+    if mask is None:
+        return rewards - (jnp.sum(rewards, axis=-1, keepdims=True) - rewards) / (n - 1)
+    if jnp.shape(mask) != rewards.shape:
+        raise ValueError(f"mask must have the rewards' shape {tuple(rewards.shape)}, got {jnp.shape(mask)}")
+    m = jnp.asarray(mask, bool)
+    r = jnp.where(m, rewards, 0.0)
+    others = jnp.sum(m, axis=-1, keepdims=True) - 1
+    adv = r - (jnp.sum(r, axis=-1, keepdims=True) - r) / jnp.maximum(others, 1)
+    return jnp.where(m & (others >= 1), adv, 0.0)
 
 
 def k3(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
@@ -96,13 +108,14 @@ def reinforce_loss(logp: jax.Array, behavior_logp: jax.Array, mask: jax.Array, a
             raise ValueError("the staleness bound needs versions, current_version and max_staleness together")
         if isinstance(max_staleness, bool) or not isinstance(max_staleness, (int, np.integer)) or max_staleness < 0:
             raise ValueError(f"max_staleness must be an int >= 0, got {max_staleness!r}")
-        lag = current_version - np.asarray(versions)
+        lag = current_version - jnp.asarray(versions)  # traced under jit: then the check below is skipped
         if lag.shape != logp.shape[:1]:
             raise ValueError(f"versions must be [B] = [{logp.shape[0]}], got {lag.shape}")
-        if (lag < 0).any():
+        concrete = _concrete(lag)
+        if concrete is not None and (concrete < 0).any():
             raise ValueError(f"a rollout has version {int(np.asarray(versions).max())}, newer than the current "
                              f"version {current_version}")
-        keep = jnp.asarray(lag <= max_staleness)
+        keep = lag <= max_staleness
     mask = jnp.asarray(mask, jnp.float32)
     log_rho = jnp.sum(mask * (logp - jax.lax.stop_gradient(behavior_logp)), axis=1)
     rho = jnp.exp(jnp.where(keep, log_rho, 0.0))  # dropped rows: no overflow from ancient weights
