@@ -369,6 +369,16 @@ def test_load_prompts_errors(tmp_path):
     with pytest.raises(ValueError, match=f"p.jsonl:2: the prompt has {len(long_text)} tokens, more than the "
                                          f"{len(hi)}"):
         rl_run.load_prompts(str(f), tok, max_len=len(hi), long="error")
+    f.write_text('{"prompt": "hi"}\n{"prompt": "hi"\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: malformed JSON"):
+        rl_run.load_prompts(str(f), tok)
+    f.write_text("\n")
+    with pytest.raises(ValueError, match=r"p.jsonl: no examples \(the file is empty\); expected one JSON object a "
+                                         r"line with the fields \{'prompt': str\} or \{'text': str\}"):
+        rl_run.load_prompts(str(f), tok)
+    f.write_text('{"text": "a b c d e f g h i j k l m n o p q r s t u v w x y z"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl: no prompts left \(1 dropped as too long\)"):
+        rl_run.load_prompts(str(f), tok, max_len=len(hi), long="drop")
 
 
 # ---------------------------------------------------------------- acceptance (issue 19)

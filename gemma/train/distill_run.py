@@ -13,7 +13,6 @@ DIR/targets (gemma.train.distill_targets) and the student trains on them (lmbda 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -54,16 +53,7 @@ def check_targets(targets, dc: DistillConfig) -> None:
 
 def check_output(output: str, identity: dict) -> bool:
     """run.check_output, and the distillation settings of a run already there must match."""
-    resume = run_lib.check_output(output, identity)
-    if resume:
-        with open(os.path.join(output, run_lib.RUN_FILE)) as f:
-            theirs = json.load(f)
-        diff = [f"{k}: {theirs.get(k)!r} there, {identity.get(k)!r} now" for k in IDENTITY
-                if theirs.get(k) != identity.get(k)]
-        if diff:
-            raise ValueError(f"--output {output} holds another run ({'; '.join(diff)}); give another --output to "
-                             f"start a new run, or the same settings to resume it")
-    return resume
+    return run_lib.check_output(output, identity, IDENTITY)
 
 
 def distill(student, teacher, tokenizer, data_path: str, output: str, *, config: TrainConfig,

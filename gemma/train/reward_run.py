@@ -29,7 +29,6 @@ every eval_every steps of a member, its end); with M > 1 finally {"step", "warm_
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -199,16 +198,7 @@ def run_identity(config: TrainConfig, model_source: str, data_path: str, long: s
 
 def check_output(output: str, identity: dict) -> bool:
     """run.check_output, and a run already there must have this objective, members and steps."""
-    resume = run_lib.check_output(output, identity)
-    if resume:
-        with open(os.path.join(output, run_lib.RUN_FILE)) as f:
-            theirs = json.load(f)
-        diff = [f"{k}: {theirs.get(k)!r} there, {identity.get(k)!r} now" for k in IDENTITY
-                if theirs.get(k) != identity.get(k)]
-        if diff:
-            raise ValueError(f"--output {output} holds another run ({'; '.join(diff)}); give another --output to "
-                             f"start a new run, or the same settings to resume it")
-    return resume
+    return run_lib.check_output(output, identity, IDENTITY)
 
 
 def prepare(data_path: str, tokenizer, config: TrainConfig, *, objective: str | None = None,

@@ -19,7 +19,6 @@ the fine-tuning data render it; the model's reply is the completion) or {"text":
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -39,6 +38,14 @@ IDENTITY = ("samples_per_prompt", "baseline", "kl_alpha", "kl_estimator", "max_n
             "reward", "teacher", "reference")
 
 
+PROMPT_FORMATS = "{'prompt': str} or {'text': str}"
+
+
+def _check_prompt(record, where: str) -> None:
+    if not isinstance(record, dict) or set(record) not in ({"prompt"}, {"text"}):
+        raise ValueError(f"{where}: expected {PROMPT_FORMATS}, got {str(record)[:80]}")
+
+
 def load_prompts(path: str, tokenizer, max_len: int | None = None, long: str = "error"
                  ) -> tuple[list[tuple[list[int], str]], dict]:
     """(ids, prompt text) of each record of a prompts JSONL, and counts {"prompts", "truncated", "dropped"}: a
@@ -47,39 +54,25 @@ def load_prompts(path: str, tokenizer, max_len: int | None = None, long: str = "
     if long not in ("truncate", "drop", "error"):
         raise ValueError(f"long={long!r}; expected one of 'truncate', 'drop', 'error'")
     out, truncated, dropped = [], 0, 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{os.fspath(path)}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            if not line.strip():
+    for lineno, record in data_lib._read(path, _check_prompt, PROMPT_FORMATS):
+        where = f"{os.fspath(path)}:{lineno}"
+        if "prompt" in record:
+            text = data_lib._text(record["prompt"], "'prompt'", where)
+            ids = [tokenizer.bos_id] + tokenizer.encode(format_turn(text, first=True), add_bos=False)
+        else:
+            text = data_lib._text(record["text"], "'text'", where)
+            ids = [tokenizer.bos_id] + tokenizer.encode(text, add_bos=False)
+        if max_len is not None and len(ids) > max_len:
+            if long == "error":
+                raise ValueError(f"{where}: the prompt has {len(ids)} tokens, more than the {max_len} that "
+                                 f"--seq-len minus --max-new-tokens leaves (use --long truncate or drop)")
+            if long == "drop":
+                dropped += 1
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(record, dict) or set(record) not in ({"prompt"}, {"text"}):
-                raise ValueError(f"{where}: expected {{'prompt': str}} or {{'text': str}}, got {str(record)[:80]}")
-            if "prompt" in record:
-                text = data_lib._text(record["prompt"], "'prompt'", where)
-                ids = [tokenizer.bos_id] + tokenizer.encode(format_turn(text, first=True), add_bos=False)
-            else:
-                text = data_lib._text(record["text"], "'text'", where)
-                ids = [tokenizer.bos_id] + tokenizer.encode(text, add_bos=False)
-            if max_len is not None and len(ids) > max_len:
-                if long == "error":
-                    raise ValueError(f"{where}: the prompt has {len(ids)} tokens, more than the {max_len} that "
-                                     f"--seq-len minus --max-new-tokens leaves (use --long truncate or drop)")
-                if long == "drop":
-                    dropped += 1
-                    continue
-                ids, truncated = ids[:max_len], truncated + 1
-            out.append((ids, text))
+            ids, truncated = ids[:max_len], truncated + 1
+        out.append((ids, text))
     if not out:
-        raise ValueError(f"{os.fspath(path)}: no prompts ({dropped} dropped as too long; an empty file holds "
-                         f"none); expected one {{'prompt': str}} or {{'text': str}} a line")
+        raise ValueError(f"{os.fspath(path)}: no prompts left ({dropped} dropped as too long)")
     return out, {"prompts": len(out), "truncated": truncated, "dropped": dropped}
 
 
@@ -93,16 +86,7 @@ def run_identity(config: TrainConfig, rc: RLConfig, model_source: str, data: str
 
 def check_output(output: str, identity: dict) -> bool:
     """run.check_output, and the RL settings of a run already there must match."""
-    resume = run_lib.check_output(output, identity)
-    if resume:
-        with open(os.path.join(output, run_lib.RUN_FILE)) as f:
-            theirs = json.load(f)
-        diff = [f"{k}: {theirs.get(k)!r} there, {identity.get(k)!r} now" for k in IDENTITY
-                if theirs.get(k) != identity.get(k)]
-        if diff:
-            raise ValueError(f"--output {output} holds another run ({'; '.join(diff)}); give another --output to "
-                             f"start a new run, or the same settings to resume it")
-    return resume
+    return run_lib.check_output(output, identity, IDENTITY)
 
 
 class _Checkpointed:

@@ -47,8 +47,9 @@ def run_identity(config: TrainConfig, model_source: str, data_path: str, packing
             "weight_decay": config.weight_decay}
 
 
-def check_output(output: str, identity: dict) -> bool:
-    """Whether `output` holds this run already (True: resume); raises if it holds anything else.
+def check_output(output: str, identity: dict, keys: tuple[str, ...] = ()) -> bool:
+    """Whether `output` holds this run already (True: resume); raises if it holds anything else: another
+    model, data or training settings (IDENTITY), or other values of a trainer's own `keys`.
     Nothing is written here."""
     if not os.path.exists(output):
         return False
@@ -62,7 +63,8 @@ def check_output(output: str, identity: dict) -> bool:
         return False
     with open(run_file) as f:
         theirs = json.load(f)
-    diff = [f"{k}: {theirs.get(k)!r} there, {identity.get(k)!r} now" for k in IDENTITY if theirs.get(k) != identity.get(k)]
+    diff = [f"{k}: {theirs.get(k)!r} there, {identity.get(k)!r} now" for k in IDENTITY + tuple(keys)
+            if theirs.get(k) != identity.get(k)]
     if diff:
         raise ValueError(f"--output {output} holds another run ({'; '.join(diff)}); give another --output to "
                          f"start a new run, or the same settings to resume it")
