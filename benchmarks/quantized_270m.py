@@ -82,10 +82,11 @@ def ours(variant: str) -> dict:
         n = NEW * len(prompts)
         # draft cost: the on-device lookup alone, over a history buffer of the longest prompt's loop
         history = jax.numpy.asarray(np.resize(np.asarray(max(prompts, key=len)), 2048 + 5), jax.numpy.int32)
-        speculative._lookup(history, jax.numpy.int32(2048), 2, 3, 2)[0].block_until_ready()
+        spec = (speculative.DRAFT_LEN, speculative.MAX_NGRAM, speculative.MIN_NGRAM)
+        speculative._lookup(history, jax.numpy.int32(2048), *spec)[0].block_until_ready()
         t = time.perf_counter()
         for _ in range(100):
-            speculative._lookup(history, jax.numpy.int32(2048), 2, 3, 2)[0].block_until_ready()
+            speculative._lookup(history, jax.numpy.int32(2048), *spec)[0].block_until_ready()
         draft_s = (time.perf_counter() - t) / 100 * steps
         res.update(plain_tok_s=n / plain_s, spec_tok_s=n / spec_s, identical=identical, acceptance=accepted / drafted,
                    tokens_per_pass=n / (steps + len(prompts)), draft_ms_per_step=1e3 * draft_s / steps,
@@ -166,7 +167,10 @@ def main():
               f"{hf['prefill_512_s']:.2f} | {1024 * hf['peak_rss_gib']:.0f} | {ref['perplexity_hf_f32']:.3f} (fixture) |")
     spec = rows["int4+spec"]
     if "error" not in spec:
-        print(f"\nint4 + speculative (prompt lookup, draft 2, n-grams 3..2) on the {spec['prompts']} parity prompts, "
+        from gemma import speculative
+
+        print(f"\nint4 + speculative (prompt lookup, draft {speculative.DRAFT_LEN}, n-grams {speculative.MAX_NGRAM}.."
+              f"{speculative.MIN_NGRAM}) on the {spec['prompts']} parity prompts, "
               f"{NEW} new tokens each, greedy: {spec['spec_tok_s']:.1f} tok/s vs plain int4 {spec['plain_tok_s']:.1f} "
               f"({spec['spec_tok_s'] / spec['plain_tok_s']:.2f}x); ids identical: {spec['identical']}; acceptance "
               f"{100 * spec['acceptance']:.0f}% of drafted tokens; {spec['tokens_per_pass']:.2f} tokens per target pass; "

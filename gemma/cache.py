@@ -193,7 +193,7 @@ def rollback(cache: Cache, snapshot: tuple, positions: jax.Array, length: jax.Ar
             slots = jnp.where(undo, positions % c.num_slots, c.num_slots)  # the rest dropped (out of range)
             arrays = [(a, s) for a, s in zip((c.k, c.v, c.k_scale, c.v_scale),
                                               (saved.k, saved.v, saved.k_scale, saved.v_scale)) if a is not None]
-            put = [a.at[rows, slots].set(s, mode="drop") for a, s in arrays]
+            put = [_scatter(a, rows, slots, s) for a, s in arrays]
             c = LayerCache(put[0], put[1], True, *put[2:])
         layers.append(c)
     return Cache(tuple(layers), length)

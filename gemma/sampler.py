@@ -59,10 +59,9 @@ class SamplingParams:
 
 def sample_logits(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
     """Next ids [B] from f32 logits [B, V]; ids >= 262144 (image tokens) are never drawn."""
-    logits = logits[:, :VOCAB_SIZE]
     if params.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / params.temperature
+        return greedy_rows(logits)
+    logits = logits[:, :VOCAB_SIZE] / params.temperature
     if params.top_k is not None:  # candidates: the k best, sorted
         values, ids = jax.lax.top_k(logits, min(params.top_k, logits.shape[-1]))
     else:
@@ -460,11 +459,13 @@ class Sampler:
 
     def generate_speculative(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                             stop: Sequence[str] | None = None, draft_len: int = 4) -> SamplerOutput:
+                             stop: Sequence[str] | None = None, draft_len: int | None = None) -> SamplerOutput:
         """`generate` for one text prompt with speculative decoding (gemma/speculative.py: prompt-lookup drafts
-        checked in one pass): greedy ids are generate's, sampled ids distributed as generate's."""
+        checked in one pass): greedy ids are generate's, sampled ids distributed as generate's. `draft_len`:
+        tokens drafted a pass (None: gemma.speculative.DRAFT_LEN)."""
         from gemma import speculative
 
+        draft_len = speculative.DRAFT_LEN if draft_len is None else draft_len
         ids, _ = speculative.generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, draft_len)
         ids, text = self._stop_at(ids, stop)
         return SamplerOutput(text, ids)

@@ -26,7 +26,12 @@ from flax import nnx
 
 from gemma.cache import ring_snapshot, rollback
 from gemma.config import VOCAB_SIZE
-from gemma.sampler import SamplingParams, _bucket, _nucleus
+from gemma.sampler import SamplingParams, _bucket, _nucleus, greedy_rows
+
+
+# The defaults (Sampler.generate_speculative's too): the best of draft 2 / 3 / 4 with n-grams 3..2 and 3..1 on
+# the parity prompts, int4 270M (benchmarks/RESULTS.md, 2026-12-07).
+DRAFT_LEN, MAX_NGRAM, MIN_NGRAM = 4, 3, 1
 
 
 def lookup(history: jax.Array, count: jax.Array, draft_len: int, max_ngram: int = 3,
@@ -92,7 +97,7 @@ def choose(logits: jax.Array, draft: jax.Array, m: jax.Array, key: jax.Array,
            params: SamplingParams) -> tuple[jax.Array, jax.Array]:
     """(draft tokens kept, next token) from verify logits [k + 1, V] of a draft [k] whose first m are real."""
     if params.greedy:
-        target = jnp.argmax(logits[:, :VOCAB_SIZE], axis=-1).astype(jnp.int32)
+        target = greedy_rows(logits)
         same = (target[:-1] == draft) & (jnp.arange(draft.shape[0]) < m)
         n = jnp.argmin(jnp.concatenate([same, jnp.zeros((1,), bool)])).astype(jnp.int32)
         return n, target[n]
@@ -159,8 +164,8 @@ def _loop(graphdef, state, cache, logits, history, count, key, params, draft_len
 
 
 def generate(sampler, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0, draft_len: int = 2,
-             max_ngram: int = 3, min_ngram: int = 2) -> tuple[list[int], SpeculativeStats]:
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0, draft_len: int = DRAFT_LEN,
+             max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> tuple[list[int], SpeculativeStats]:
     """Continues one prompt with speculative decoding on `sampler`'s model and cache layout; returns the
     generated ids (stop id excluded, as Sampler.generate) and the draft statistics. Drafts come from the
     longest recurring n-gram, max_ngram down to min_ngram; a pass with none is a plain one-token step."""

@@ -1,8 +1,9 @@
-"""Builds and registers the CPU kernel libraries (cpu_dense.cc, cpu_quantized.cc) on first use.
+"""Builds and registers the CPU kernel libraries (cpu_dense.cc, cpu_decode.cc, cpu_quantized.cc) on first use.
 
 Each library is compiled with the system C++ compiler into a cache directory ($GEMMA_CACHE,
 default ~/.cache/gemma3-jax), named by a hash of its sources, flags and jax version, and its
-FFI handlers are registered with XLA for the CPU platform.
+FFI handlers are registered with XLA for the CPU platform. `load` is the one entry point the kernel
+modules use: the CPU check, GEMMA_NO_CPU_KERNELS, the build and the warning when it fails.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import warnings
 
 import jax
 
@@ -55,3 +57,18 @@ def build(source: str, flags: tuple[str, ...], symbols: list[str]) -> None:
     handle = ctypes.cdll.LoadLibrary(lib)
     for symbol in symbols:
         jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(handle, symbol)), platform="cpu")
+
+
+def load(source: str, flags: tuple[str, ...], symbols: list[str], needs: set[str], what: str, fallback: str) -> bool:
+    """True once `source` is built with `flags` and `symbols` are registered (see build); False without
+    building where GEMMA_NO_CPU_KERNELS is set or the CPU lacks a flag of `needs`, and False with a warning
+    naming `what` and the `fallback` callers take when there is no compiler or the build fails."""
+    if os.environ.get("GEMMA_NO_CPU_KERNELS") or not set(needs) <= cpu_flags():
+        return False
+    try:
+        build(source, flags, symbols)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        warnings.warn(f"{what} unavailable ({e} {detail[-400:].decode(errors='replace')}); {fallback}")
+        return False
+    return True

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -39,18 +37,10 @@ MAX_ROWS = max(_MAX_ROWS.values())  # the most rows any weight dtype sends here
 @functools.cache
 def available() -> bool:
     """True once the kernels are built and registered with XLA for the CPU platform."""
-    if os.environ.get("GEMMA_NO_CPU_KERNELS") or not {"avx512f", "avx512bw"} <= cpu_build.cpu_flags():
-        return False
-    try:
-        cpu_build.build(SOURCE, ("-march=native",),
-                        [f"gemma_dense_{layout}_{w}" for layout in ("minor", "major")
-                         for w in ("f32", "bf16") + (("bf16x",) if _has_bf16_dot() else ())])
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        warnings.warn(f"CPU dense kernels unavailable ({e} {detail[-400:].decode(errors='replace')}); "
-                      "decode uses XLA's slower dots")
-        return False
-    return True
+    symbols = [f"gemma_dense_{layout}_{w}" for layout in ("minor", "major")
+               for w in ("f32", "bf16") + (("bf16x",) if _has_bf16_dot() else ())]
+    return cpu_build.load(SOURCE, ("-march=native",), symbols, {"avx512f", "avx512bw"}, "CPU dense kernels",
+                          "decode uses XLA's slower dots")
 
 
 def _has_bf16_dot() -> bool:

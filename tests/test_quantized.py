@@ -92,13 +92,33 @@ def random_qarray(bits, scale_dtype, group, r, k, rng):
 CASES = [(8, 16, 32), (8, 32, 16), (4, 32, 32), (4, 16, 32), (8, 16, "K")]  # (bits, scale bits, group; K: per channel)
 
 
+def as_the_kernel_reads(x, w: QArray, isa: str):
+    """x as `isa`'s build multiplies it: quantized per block of 32 to int8 and back (exactly d * q) by the
+    builds that quantize activations, where they serve the shape; x itself otherwise."""
+    if isa in cpu_quantized.QUANTIZES_X and cpu_quantized.vnni_serves(w.shape[1], w.group):
+        q, d = cpu_quantized.quantize_x(x)
+        return (q.reshape(len(x), -1, 32).astype(np.float64) * d[..., None]).reshape(x.shape)
+    return x
+
+
+def test_quantize_x_rounds_each_block_to_its_own_scale():
+    x = np.concatenate([np.linspace(-2, 2, 32), np.zeros(32), 1e-3 * np.arange(32)]).astype(np.float32)[None]
+    q, d = cpu_quantized.quantize_x(x)
+    np.testing.assert_allclose(d[0], [2 / 127, 0, 31e-3 / 127], rtol=1e-6)
+    assert q[0, 0] == -127 and q[0, 31] == 127 and not q[0, 32:64].any() and q[0, 95] == 127
+    assert np.abs(q[0, :32].astype(np.float32) * d[0, 0] - x[0, :32]).max() <= d[0, 0] / 2 + 1e-7
+
+
 @pytest.mark.skipif(not cpu_quantized.supported(), reason="needs an x86 CPU with AVX2")
 @pytest.mark.parametrize("isa", list(cpu_quantized.ISAS))
 @pytest.mark.parametrize("bits,sbits,group", CASES)
-@pytest.mark.parametrize("m,k,r", [(1, 640, 2048), (3, 64, 37), (8, 1280, 96), (11, 128, 5), (5, 640, 1)])
+@pytest.mark.parametrize("m,k,r", [(1, 640, 2048), (3, 64, 37), (8, 1280, 96), (11, 128, 5), (5, 640, 1),
+                                   (2, 96, 7)])
 def test_kernel_equals_numpy(isa, bits, sbits, group, m, k, r):
     """Row counts 1-11 (11 takes two 8-row passes), weight rows not a multiple of the tile, groups of 16,
-    32 and one per output channel, float16 and float32 scales, each instruction set this CPU runs."""
+    32 and one per output channel, float16 and float32 scales, each instruction set this CPU runs; the VNNI
+    build against the same arithmetic on x quantized per block (k = 96: not whole chunks of 64, so the
+    weights are widened instead)."""
     if isa not in cpu_quantized.supported():
         pytest.skip(f"this CPU has no {isa}")
     group = k if group == "K" else group
@@ -106,8 +126,26 @@ def test_kernel_equals_numpy(isa, bits, sbits, group, m, k, r):
     w = random_qarray(bits, np.float16 if sbits == 16 else np.float32, group, r, k, rng)
     x = rng.standard_normal((m, k)).astype(np.float32)
     got = np.asarray(jax.jit(lambda x, w: cpu_quantized.matmul(x, w, isa))(x, jax.tree.map(jnp.asarray, w)))
-    want = reference(x, w)
+    want = reference(as_the_kernel_reads(x, w, isa), w)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.skipif(not cpu_quantized.supported(), reason="needs an x86 CPU with AVX2")
+@pytest.mark.parametrize("isa", list(cpu_quantized.ISAS))
+@pytest.mark.parametrize("bits,group", [(8, 32), (8, 16), (4, 32)])
+def test_kernel_row_alone_gives_the_same_bits(isa, bits, group):
+    """Each row's products are the same bits whatever rows share its pass: a speculative verify pass of 5 rows
+    and a 1-row decode step give the target the same logits."""
+    if isa not in cpu_quantized.supported():
+        pytest.skip(f"this CPU has no {isa}")
+    rng = np.random.default_rng(11)
+    w = jax.tree.map(jnp.asarray, random_qarray(bits, np.float16, group, 301, 640, rng))
+    x = jnp.asarray(rng.standard_normal((7, 640)), jnp.float32)
+    f = jax.jit(lambda x, w: cpu_quantized.matmul(x, w, isa))
+    together = np.asarray(f(x, w))
+    for i in range(7):
+        np.testing.assert_array_equal(np.asarray(f(x[i:i + 1], w))[0], together[i])
+    np.testing.assert_array_equal(np.asarray(f(x[2:5], w)), together[2:5])
 
 
 @pytest.mark.skipif(not cpu_quantized.supported(), reason="needs an x86 CPU with AVX2")
