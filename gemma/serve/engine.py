@@ -6,14 +6,17 @@
     engine.close()
 
 A background thread owns the device state. Each loop it swaps in new weights if
-the learner gave some, admits queued requests into free slots, prefills chunks
-of joining prompts (up to prefill_chunk tokens in all, so that many short prompts
-joining together start decoding in the same step) each into a batch-1 cache (the
-Sampler's prefill, so a prompt is laid out exactly as `Sampler.generate` lays it
-out), copies a finished prefill into its slot(s), and runs one jitted decode step
-over all S rows with per-row positions, sampling parameters and keys. Shapes are
-fixed (S rows, max_len slots, bucketed prefill widths), so nothing compiles after
-warm-up.
+the learner gave some, admits queued requests into free slots, prefills joining
+prompts (up to prefill_chunk tokens in all, so that many short prompts joining
+together start decoding in the same step: one-chunk prompts together in one
+Sampler.prefill call of power-of-two rows, longer ones batch-1 in chunks), copies
+each finished prefill row into its slot(s), and runs one jitted decode step over
+all S rows with per-row positions, sampling parameters and keys. Shapes are fixed
+(S rows, max_len slots, bucketed prefill rows and widths), so nothing compiles
+after warm-up. A prompt prefilled with others goes through products of more rows
+than alone, so its logits may differ from Sampler.generate's in the last bits
+(greedy ids agree but for near-ties); a batch queued together (generate_batch) is
+scheduled the same way on every run, so its seeded draws are reproducible.
 """
 
 from __future__ import annotations
@@ -226,7 +229,11 @@ class Engine:
         self.max_staleness = max_staleness
         self.weights_version = int(weights_version)
         self.metrics = Metrics()
-        self._graphdef, self._state = self.sampler._graphdef, self.sampler._state
+        self._state = self.sampler._state
+        # the decode step takes the weights as a flat list under a static key hashed by identity: flattening the
+        # nnx.State and hashing the GraphDef on every call cost ~3 ms of a ~25 ms one-row step (loaded machine)
+        self._model = _ModelKey(self.sampler._graphdef, jax.tree.structure(self._state))
+        self._leaves = jax.tree.leaves(self._state)
         s = self.max_batch
         self._cache = self.sampler.new_cache(s, max_len)
         self._logits = jnp.zeros((s, self.config.vocab_size), jnp.float32)
@@ -397,7 +404,7 @@ class Engine:
             return
         state, version = self._pending_weights
         self._pending_weights = None
-        self._state = state
+        self._state, self._leaves = state, jax.tree.leaves(state)
         self.sampler._state = state
         with self._weights_applied:
             self.weights_version = version
@@ -498,7 +505,7 @@ class Engine:
         active = np.asarray([s is not None for s in self._slots[:rows]])
         want_top = any(s is not None and s.gen.request.logprobs for s in self._slots)
         token, chosen, top_values, top_ids, self._logits, self._cache = _decode_step(
-            self._graphdef, self._state, self._cache, self._logits, jnp.asarray(self._keys[:rows]),
+            self._model, self._leaves, self._cache, self._logits, jnp.asarray(self._keys[:rows]),
             jnp.asarray(self._counts[:rows]), jnp.asarray(self._temperature[:rows]), jnp.asarray(self._top_k[:rows]),
             jnp.asarray(self._top_p[:rows]), jnp.asarray(active), jnp.bool_(want_top), rows)
         token, chosen = np.asarray(token), np.asarray(chosen)
@@ -606,15 +613,26 @@ def _install(cache: Cache, logits: jax.Array, rows: Cache, rows_logits: jax.Arra
     return jax.tree.map(put, cache, rows), put(logits, rows_logits)
 
 
+class _ModelKey:
+    """The static part of the served model (GraphDef and the state's tree structure), equal only to itself: a jit
+    static argument that hashes in O(1) (the same engine's weight updates keep it, so nothing recompiles)."""
+
+    def __init__(self, graphdef, treedef):
+        self.graphdef, self.treedef = graphdef, treedef
+
+    def merge(self, leaves) -> Transformer:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 11), donate_argnums=(2, 3))
-def _decode_step(graphdef, state, cache, logits, keys, counts, temperature, top_k, top_p, active, want_top,
+def _decode_step(served: _ModelKey, leaves, cache, logits, keys, counts, temperature, top_k, top_p, active, want_top,
                  rows):
     """Samples each active row's next token from its logits with its own parameters and key
     (fold_in(key, tokens drawn so far)), feeds it, and returns (token, its logprob, top logprobs
     values and ids [rows, TOP_LOGPROBS] (zeros unless want_top), next logits, cache). Only the first
     `rows` (static) slots are computed: the per-row inputs hold those; the rest of the cache is kept."""
     whole, whole_logits = cache, logits
-    model = nnx.merge(graphdef, state)
+    model = served.merge(leaves)
     # On CPU the kernels (cache write, attention) take the first `rows` rows of the whole cache in place: a
     # Cache of the whole arrays with `rows` lengths. Elsewhere the prefix is sliced out and put back.
     in_place = cpu_decode.usable() and all(kernels.resolve(b.attn.impl) == "xla" for b in model.layers)
