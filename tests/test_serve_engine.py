@@ -298,7 +298,8 @@ def test_joining_prompts_prefill_together(tiny, tokenizer_270m):
     from gemma.sampler import _extend
 
     rows = prompts(10, (3, 9, 17, 30, 12, 2))
-    with Engine(tiny, tokenizer_270m, max_batch=6, max_len=128, prefill_chunk=64, max_wait_ms=50) as engine:
+    with Engine(tiny, tokenizer_270m, max_batch=6, max_len=128, prefill_chunk=64, max_wait_ms=50,
+                prefill_rows=4) as engine:
         calls = []
         prefill = engine.sampler.prefill
         engine.sampler.prefill = lambda prompts, cache: calls.append([len(p) for p in prompts]) or prefill(
@@ -308,6 +309,8 @@ def test_joining_prompts_prefill_together(tiny, tokenizer_270m):
         assert calls == [[3, 9], [17, 30], [12, 2]]
         sampler = Sampler(tiny, tokenizer_270m, max_len=128, prefill_chunk=64)
         assert [c.tokens for c in got] == [sampler.generate(r, max_new_tokens=6).tokens for r in rows]
+        with pytest.raises(ValueError, match="prefill_rows must be an int >= 1"):
+            Engine(tiny, tokenizer_270m, prefill_rows=0)
         engine.warmup()
         sizes = lambda: (engine_module._decode_step._cache_size(), engine_module._install._cache_size(),
                          _extend._cache_size())

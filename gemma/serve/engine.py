@@ -8,12 +8,12 @@
 A background thread owns the device state. Each loop it swaps in new weights if
 the learner gave some, admits queued requests into free slots, prefills joining
 prompts (up to prefill_chunk tokens in all, so that many short prompts joining
-together start decoding in the same step: one-chunk prompts together in one
-Sampler.prefill call of power-of-two rows, longer ones batch-1 in chunks), copies
+together start decoding in the same step; with prefill_rows > 1 one-chunk prompts
+together in one Sampler.prefill call of power-of-two rows, else each batch-1), copies
 each finished prefill row into its slot(s), and runs one jitted decode step over
 all S rows with per-row positions, sampling parameters and keys. Shapes are fixed
 (S rows, max_len slots, bucketed prefill rows and widths), so nothing compiles
-after warm-up. A prompt prefilled with others goes through products of more rows
+after warm-up. A prompt prefilled with others (prefill_rows > 1) goes through products of more rows
 than alone, so its logits may differ from Sampler.generate's in the last bits
 (greedy ids agree but for near-ties); a batch queued together (generate_batch) is
 scheduled the same way on every run, so its seeded draws are reproducible.
@@ -207,15 +207,21 @@ class Engine:
       max_staleness: refuse requests made against weights more than this many versions old.
       weights_version: the version of the weights given.
       cache_dtype: of the KV cache (default: the model's dtype).
+      prefill_rows: most one-chunk prompts prefilled in one call (default 1: each alone, laid out as
+        Sampler.generate lays it out, bit for bit; more: fewer calls, one program per power-of-two row count,
+        bits as a batched prefill's; on the 2-core CPU 16 at once saved no measurable time, RESULTS.md).
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 512, max_wait_ms: float = 5.0, max_staleness: int | None = None,
-                 weights_version: int = 0, cache_dtype=None):
+                 weights_version: int = 0, cache_dtype=None, prefill_rows: int = 1):
         if not _is_int(max_batch) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if not isinstance(max_wait_ms, (int, float)) or max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
+        if not _is_int(prefill_rows) or prefill_rows < 1:
+            raise ValueError(f"prefill_rows must be an int >= 1, got {prefill_rows!r}")
+        self.prefill_rows = int(prefill_rows)
         if max_staleness is not None and (not _is_int(max_staleness) or max_staleness < 0):
             raise ValueError(f"max_staleness must be an int >= 0 or None, got {max_staleness!r}")
         context = model.config.max_context
@@ -329,7 +335,8 @@ class Engine:
         chunk, n = self.sampler.prefill_chunk, 1  # n: the shortest prompt of each width (+ 1 token fits)
         while n + 1 <= self.max_len and (width := _bucket(n, chunk)) <= 2 * chunk:
             rows = 1  # each row count prompts of this width are prefilled in, by the fewest prompts that take it
-            while rows == 1 or (rows * width <= chunk and rows // 2 + 1 <= self.max_batch):
+            most = min(self.max_batch, self.prefill_rows)
+            while rows == 1 or (rows * width <= chunk and rows // 2 + 1 <= most):
                 gens = [self._generation(Request((self.tokenizer.bos_id,) * n, max_tokens=1, temperature=1.0,
                                                  top_p=0.5, logprobs=1), None) for _ in range(rows // 2 + 1)]
                 self._enqueue(gens)
@@ -463,7 +470,8 @@ class Engine:
         group, width = [job], job.width
         for other in itertools.islice(self._prefills, 1, None):
             wider = max(width, other.width)
-            if other.remaining > 1 or _rows(len(group) + 1) * wider > self.sampler.prefill_chunk:
+            if (other.remaining > 1 or len(group) == self.prefill_rows
+                    or _rows(len(group) + 1) * wider > self.sampler.prefill_chunk):
                 break
             group.append(other)
             width = wider
