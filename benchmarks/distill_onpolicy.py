@@ -165,11 +165,11 @@ def distill(student, teacher, task: Task, lmbda: float, beta: float, steps: int,
     """`steps` DistillTrainer steps; each batch: training prompts with random right answers (which lmbda 1
     replaces by the student's own samples, temperature 1)."""
     cfg = T.TrainConfig(steps=steps, batch_size=batch, seq_len=task.seq_len, learning_rate=lr, seed=seed)
-    tr = DT.DistillTrainer(student, teacher, task.tok, cfg,
-                           DT.DistillConfig(lmbda=lmbda, beta=beta, max_new_tokens=task.n + 1))
     rng = np.random.default_rng([seed, 2])
-    for _ in range(steps):
-        tr.step([task.batch([task.example(p, rng) for p in task.prompts("train", batch, rng)])])
+    with DT.DistillTrainer(student, teacher, task.tok, cfg,
+                           DT.DistillConfig(lmbda=lmbda, beta=beta, max_new_tokens=task.n + 1)) as tr:
+        for _ in range(steps):
+            tr.step([task.batch([task.example(p, rng) for p in task.prompts("train", batch, rng)])])
     return tr.student()
 
 

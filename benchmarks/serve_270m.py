@@ -2,6 +2,7 @@
 OpenAI-compatible server (`python -m llama_cpp.server`) on the same GGUF file, same threads.
 
     python benchmarks/serve_270m.py --reference-python /work/venvref/bin/python
+    python benchmarks/serve_270m.py --compare /tmp/before . --levels 16 --repeats 3   # ours A/B, interleaved
 
 Each server runs as its own process on 127.0.0.1. At each concurrency c, c client threads take requests
 from one list (max(c, 2) requests, distinct prompts, greedy, max_tokens each) and post them as plain
@@ -89,20 +90,41 @@ def run_level(url: str, model: str, texts: list[str], clients: int, max_tokens: 
             "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
-def bench(name: str, cmd: list[str], env: dict, levels: list[int], max_tokens: int, startup: float,
-          warmup: int) -> list[dict]:
+def start(name: str, cmd: list[str], env: dict, startup: float, warmup: int, max_tokens: int,
+          cwd: str = ROOT) -> tuple[subprocess.Popen, str, str]:
+    """A server process, up and warmed: (process, url, model id)."""
     port = free_port()
     cmd = [c.replace("{port}", str(port)) for c in cmd]
     url = f"http://127.0.0.1:{port}"
-    print(f"[{name}] {' '.join(cmd)}", flush=True)
+    print(f"[{name}] {' '.join(cmd)} (in {cwd})", flush=True)
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_up(url, proc, startup)
         print(f"[{name}] up in {time.perf_counter() - t:.1f} s", flush=True)
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         for _ in range(warmup):  # full-length requests: llama.cpp's first few run several times slower
             run_level(url, model, ["Warm up: hello"], 1, max_tokens)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url, model
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    if proc.returncode not in (0, -15, None):
+        print(proc.stderr.read()[-3000:], file=sys.stderr)
+
+
+def bench(name: str, cmd: list[str], env: dict, levels: list[int], max_tokens: int, startup: float,
+          warmup: int) -> list[dict]:
+    proc, url, model = start(name, cmd, env, startup, warmup, max_tokens)
+    try:
         rows, offset = [], 0
         for c in levels:
             count = max(c, 2)
@@ -112,13 +134,31 @@ def bench(name: str, cmd: list[str], env: dict, levels: list[int], max_tokens: i
             print(f"[{name}] {row}", flush=True)
         return rows
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if proc.returncode not in (0, -15, None):
-            print(proc.stderr.read()[-3000:], file=sys.stderr)
+        stop(proc)
+
+
+def compare(cmd: list[str], env: dict, roots: list[str], levels: list[int], max_tokens: int, warmup: int,
+            repeats: int) -> dict:
+    """Our server from each checkout in `roots` (PYTHONPATH = that root), all up at once; each level runs on
+    each server in turn, `repeats` times (A B A B ...: the load of the machine falls on both alike)."""
+    servers = {}
+    try:
+        for root in roots:
+            servers[root] = start(root, cmd, {**env, "PYTHONPATH": root}, 1200, warmup, max_tokens, cwd=root)
+        out = {root: [] for root in roots}
+        offset = 0
+        for r in range(repeats):
+            for c in levels:
+                count = max(c, 2)
+                for root, (_, url, model) in servers.items():
+                    row = {**run_level(url, model, prompts(offset + count)[offset:], c, max_tokens), "repeat": r}
+                    out[root].append(row)
+                    print(f"[{root}] {row}", flush=True)
+                offset += count
+        return out
+    finally:
+        for proc, _, _ in servers.values():
+            stop(proc)
 
 
 def main() -> None:
@@ -132,6 +172,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="our parameter dtype")
     ap.add_argument("--only", choices=["ours", "llama"], default=None)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--compare", nargs="+", default=None, metavar="ROOT",
+                    help="instead: our server from each of these checkouts (e.g. a git worktree of an older commit "
+                         "and this one), levels interleaved across them; no llama.cpp")
+    ap.add_argument("--repeats", type=int, default=2, help="with --compare: rounds of the levels")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
@@ -149,12 +193,15 @@ def main() -> None:
         pass
     results["cores"] = os.cpu_count()
     results["loadavg_before"] = os.getloadavg()
-    if args.only in (None, "ours"):
-        ours_env = {**env, "OMP_NUM_THREADS": str(args.threads)}  # XLA's pool: one thread per core
-        cmd = [sys.executable, "-m", "gemma", "serve", "--model", gguf, "--port", "{port}",
-               "--max-batch", str(max(levels)), "--max-len", str(max_len), "--dtype", args.dtype]
-        results["ours"] = bench("ours", cmd, ours_env, levels, args.max_tokens, 1200, args.warmup)
-    if args.only in (None, "llama"):
+    ours_env = {**env, "OMP_NUM_THREADS": str(args.threads)}  # XLA's pool: one thread per core
+    ours_cmd = [sys.executable, "-m", "gemma", "serve", "--model", gguf, "--port", "{port}",
+                "--max-batch", str(max(levels)), "--max-len", str(max_len), "--dtype", args.dtype]
+    if args.compare:
+        results["compare"] = compare(ours_cmd, ours_env, [os.path.abspath(r) for r in args.compare], levels,
+                                     args.max_tokens, args.warmup, args.repeats)
+    elif args.only in (None, "ours"):
+        results["ours"] = bench("ours", ours_cmd, ours_env, levels, args.max_tokens, 1200, args.warmup)
+    if args.only in (None, "llama") and not args.compare:
         cmd = [args.reference_python, "-m", "llama_cpp.server", "--model", gguf, "--port", "{port}",
                "--host", "127.0.0.1", "--n_ctx", str(max_len), "--n_threads", str(args.threads),
                "--n_threads_batch", str(args.threads), "--interrupt_requests", "False", "--model_alias",

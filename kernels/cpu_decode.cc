@@ -8,6 +8,8 @@
 //                       (B query rows over the first B rows of a cache that may hold more);
 //                       scores, softmax and the weighted sum of values in f32. XLA:CPU's two einsums
 //                       transpose the values to [B, H, S] every step (a copy of the cache per layer).
+//   gemma_put_rows, gemma_copy_rows, gemma_take_rows: whole rows (axis 0) copied into or out of an array as bytes
+//                       (the engine's slots), in place where the output aliases the input.
 //   gemma_argmax_rows:  the index of each row's largest value among its first `limit` (jnp.argmax: the first
 //                       of equal maxima, the first NaN if any). XLA:CPU's argmax is a variadic reduce at
 //                       ~1 GB/s: 18 ms of the 16-row step over the 262144-token vocabulary.
@@ -95,6 +97,26 @@ ffi::Error PutRows(ffi::AnyBuffer dst, ffi::AnyBuffer src, ffi::Buffer<ffi::S32>
   if (o != dst.untyped_data()) std::memcpy(o, dst.untyped_data(), dst.size_bytes());
   const int64_t at = std::clamp<int64_t>(start.typed_data()[0], 0, S - n);
   std::memcpy(o + at * row, src.untyped_data(), n * row);
+  return ffi::Error::Success();
+}
+
+// dst [S, ...] with dst[to[k]] = src[from[k]] for every k with to[k] in [0, S) and from[k] in [0, n), in place.
+ffi::Error CopyRows(ffi::AnyBuffer dst, ffi::AnyBuffer src, ffi::Buffer<ffi::S32> from, ffi::Buffer<ffi::S32> to,
+                    ffi::Result<ffi::AnyBuffer> out) {
+  auto dd = dst.dimensions(), sd = src.dimensions();
+  if (dd.size() < 1 || sd.size() != dd.size() || dst.element_type() != src.element_type() ||
+      !std::equal(dd.begin() + 1, dd.end(), sd.begin() + 1) || from.element_count() != to.element_count())
+    return ffi::Error::InvalidArgument("gemma_copy_rows: expected dst [S, ...] and src [n, ...] of one dtype and "
+                                       "as many source as destination rows");
+  const int64_t S = dd[0], n = sd[0];
+  const int64_t row = S ? static_cast<int64_t>(dst.size_bytes()) / S : 0;
+  char* o = static_cast<char*>(out->untyped_data());
+  if (o != dst.untyped_data()) std::memcpy(o, dst.untyped_data(), dst.size_bytes());
+  const char* s = static_cast<const char*>(src.untyped_data());
+  for (size_t k = 0; k < from.element_count(); ++k) {
+    const int64_t i = from.typed_data()[k], j = to.typed_data()[k];
+    if (i >= 0 && i < n && j >= 0 && j < S) std::memcpy(o + j * row, s + i * row, row);
+  }
   return ffi::Error::Success();
 }
 
@@ -290,5 +312,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma_put_rows, PutRows, ffi::Ffi::Bind()
                                                            .Arg<ffi::AnyBuffer>()
                                                            .Arg<ffi::Buffer<ffi::S32>>()
                                                            .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma_copy_rows, CopyRows, ffi::Ffi::Bind()
+                                                            .Arg<ffi::AnyBuffer>()
+                                                            .Arg<ffi::AnyBuffer>()
+                                                            .Arg<ffi::Buffer<ffi::S32>>()
+                                                            .Arg<ffi::Buffer<ffi::S32>>()
+                                                            .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma_take_rows, TakeRows, ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());

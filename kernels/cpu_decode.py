@@ -21,7 +21,8 @@ import numpy as np
 from kernels import cpu_build
 
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_decode.cc")
-SYMBOLS = ["gemma_cache_write", "gemma_decode_attention_f32", "gemma_decode_attention_bf16", "gemma_argmax_rows", "gemma_put_rows", "gemma_take_rows"]
+SYMBOLS = ["gemma_cache_write", "gemma_decode_attention_f32", "gemma_decode_attention_bf16", "gemma_argmax_rows",
+           "gemma_put_rows", "gemma_copy_rows", "gemma_take_rows"]
 
 
 @functools.cache
@@ -86,6 +87,19 @@ def put_rows(big: jax.Array, part: jax.Array, start) -> jax.Array:
     call = jax.ffi.ffi_call("gemma_put_rows", jax.ShapeDtypeStruct(big.shape, big.dtype), input_output_aliases={0: 0},
                             vmap_method="sequential")
     return call(big, part.astype(big.dtype), jnp.asarray(start, jnp.int32).reshape(1))
+
+
+def copy_rows(big: jax.Array, part: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
+    """big with row dst[k] replaced by part[src[k]] for each k (int32 [K]; a dst outside [0, len(big)) or a src
+    outside [0, len(part)) copies nothing). On CPU in place when big is donated (XLA:CPU widens a bf16 scatter)."""
+    src, dst = jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32)
+    if not usable():
+        ok = (src >= 0) & (src < part.shape[0]) & (dst >= 0) & (dst < big.shape[0])
+        rows = jnp.where(ok, dst, big.shape[0])  # out of range: dropped
+        return big.at[rows].set(part[jnp.clip(src, 0, part.shape[0] - 1)].astype(big.dtype), mode="drop")
+    call = jax.ffi.ffi_call("gemma_copy_rows", jax.ShapeDtypeStruct(big.shape, big.dtype),
+                            input_output_aliases={0: 0}, vmap_method="sequential")
+    return call(big, part.astype(big.dtype), src, dst)
 
 
 def take_rows(big: jax.Array, n: int) -> jax.Array:

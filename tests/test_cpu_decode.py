@@ -138,3 +138,20 @@ def test_row_prefix_of_a_larger_cache():
                                       np.asarray(jax.lax.dynamic_update_slice_in_dim(cache, part, start, axis=0)))
     np.testing.assert_array_equal(np.asarray(jax.jit(cpu_decode.take_rows, static_argnums=1)(cache, 3)),
                                   np.asarray(cache[:3]))
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_copy_rows_equals_indexed_rows(kernels, monkeypatch):
+    """The engine's install of prefilled rows into slots: row dst[k] of the cache = row src[k] of the prefill,
+    pairs with an index out of range copy nothing; the kernel and the XLA fallback agree with numpy."""
+    if not kernels:
+        monkeypatch.setenv("GEMMA_NO_CPU_DECODE", "1")
+    rng = np.random.default_rng(2)
+    cache = jnp.asarray(rng.standard_normal((6, 5, 1, 8)), jnp.bfloat16)
+    part = jnp.asarray(rng.standard_normal((4, 5, 1, 8)), jnp.bfloat16)
+    src, dst = np.asarray([2, 0, 3, -1, 1, 9], np.int32), np.asarray([5, 1, 0, 2, -1, 3], np.int32)
+    want = np.asarray(cache).copy()
+    for i, j in ((2, 5), (0, 1), (3, 0)):
+        want[j] = np.asarray(part[i])
+    got = jax.jit(cpu_decode.copy_rows, donate_argnums=0)(jnp.array(cache), part, src, dst)
+    np.testing.assert_array_equal(np.asarray(got), want)

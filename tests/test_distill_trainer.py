@@ -13,6 +13,8 @@ from flax import nnx
 
 import checkpoints
 from gemma import config
+from gemma.sampler import Sampler
+from gemma.serve import Engine
 from gemma.train import data, distill_trainer as DT, trainer as T
 from gemma.transformer import Transformer
 
@@ -101,6 +103,56 @@ def test_on_policy_responses_replace_the_dataset_ones():
     stopped = DT.generate_responses(student, _Tok(), batch, max_new_tokens=6, temperature=0.0, seed=0)
     last = [int(stopped.inputs[r, 4 + int(stopped.weights[r].sum())]) for r in range(4)]
     assert 106 in last
+
+
+def test_greedy_responses_equal_sampler_generate():
+    """Through a one-off engine and through a kept one: each row's response is Sampler.generate's greedy
+    continuation of its prompt (stopped at <end_of_turn>, kept as the last loss token)."""
+    batch = _batches(_examples(n=4), 4, seq_len=20)[0]
+    student = _tiny(seed=2)
+    student.embedder.embedding[...] = student.embedder.embedding[...].at[106].mul(40.0)  # some rows stop
+    sampler = Sampler(student, _Tok(), max_len=20)
+    sampler.stop_ids = (106,)
+    with Engine(student, _Tok(), max_batch=4, max_len=20) as engine:
+        for source in (student, engine):
+            out = DT.generate_responses(source, _Tok(), batch, max_new_tokens=8, temperature=0.0, seed=0)
+            for r, prompt in enumerate(DT.prompts_of(batch)):
+                want = sampler.generate(prompt, max_new_tokens=8).tokens
+                want = want + [106] if len(want) < 8 else want
+                assert out.targets[r, 4:4 + int(out.weights[r].sum())].tolist() == want, r
+
+
+def test_trainer_generates_through_one_engine_without_recompiling():
+    """The student's engine is made once and gets each step's weights by update_weights: after one step and
+    the engine's warm-up, two more steps compile nothing (jax's backend-compile events), and the engine
+    decodes with the trainer's current weights."""
+    cfg = T.TrainConfig(steps=4, batch_size=2, seq_len=16, learning_rate=1e-2)
+    batches = _batches(_examples(n=8), 2)
+    compiles = []
+
+    def listener(event, seconds, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(seconds)
+
+    with DT.DistillTrainer(_tiny(), _sharp_teacher(), _Tok(), cfg,
+                           DT.DistillConfig(lmbda=1.0, beta=1.0, max_new_tokens=4, gen_temperature=1.0)) as tr:
+        tr.step([batches[0]])
+        engine = tr._engines["student"]
+        engine.warmup()
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            for b in batches[1:3]:
+                tr.step([b])
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        assert compiles == [] and tr._engines["student"] is engine
+        assert engine.weights_version == 2  # pushed before steps 2 and 3 generated
+        tr.engine("student", batches[3])  # pushes step 3's weights
+        kept = DT.generate_responses(engine, _Tok(), batches[3], max_new_tokens=4, temperature=0.0, seed=0)
+        fresh = DT.generate_responses(tr.student(), _Tok(), batches[3], max_new_tokens=4, temperature=0.0, seed=0)
+        for a, b in zip(kept, fresh):
+            np.testing.assert_array_equal(a, b)
+    assert not tr._engines and not engine._thread.is_alive()
 
 
 def test_lmbda_coin_and_metrics():

@@ -289,3 +289,37 @@ def test_int8_kv_cache_greedy_equals_sampler_generate(tiny, tokenizer_270m):
         assert engine._cache.layers[0].k_scale is not None  # still carried after the steps
     s8 = Sampler(tiny, tokenizer_270m, max_len=128, prefill_chunk=8, cache_dtype=jnp.int8)
     assert got == [s8.generate(r, max_new_tokens=8).tokens for r in rows]
+
+
+def test_joining_prompts_prefill_together(tiny, tokenizer_270m):
+    """One-chunk prompts that join together are prefilled in one call (left-padded to the widest, rows a
+    power of two, at most prefill_chunk tokens), and each one's greedy ids still equal Sampler.generate's
+    for it alone; after warm-up no arrival pattern compiles anything."""
+    from gemma.sampler import _extend
+
+    rows = prompts(10, (3, 9, 17, 30, 12, 2))
+    with Engine(tiny, tokenizer_270m, max_batch=6, max_len=128, prefill_chunk=64, max_wait_ms=50,
+                prefill_rows=4) as engine:
+        calls = []
+        prefill = engine.sampler.prefill
+        engine.sampler.prefill = lambda prompts, cache: calls.append([len(p) for p in prompts]) or prefill(
+            prompts, cache)
+        got = engine.generate_batch(rows, max_tokens=6)
+        # widths 16, 16, 32, 32, 16, 16: [3, 9] in 2 rows of 16; [17, 30] in 2 of 32; [12, 2] in 2 of 16
+        assert calls == [[3, 9], [17, 30], [12, 2]]
+        sampler = Sampler(tiny, tokenizer_270m, max_len=128, prefill_chunk=64)
+        assert [c.tokens for c in got] == [sampler.generate(r, max_new_tokens=6).tokens for r in rows]
+        with pytest.raises(ValueError, match="prefill_rows must be an int >= 1"):
+            Engine(tiny, tokenizer_270m, prefill_rows=0)
+        engine.warmup()
+        sizes = lambda: (engine_module._decode_step._cache_size(), engine_module._install._cache_size(),
+                         _extend._cache_size())
+        before = sizes()
+        for i, lengths in enumerate([(5,), (3, 4, 5), (20, 2, 40, 7, 70), (1, 1, 1, 1, 1, 1)]):
+            gens = []
+            for j, r in enumerate(prompts(11 + i, lengths)):
+                gens.append(engine.submit(Request(tuple(r), max_tokens=3 + j, temperature=j % 2, seed=j)))
+                time.sleep(0.01 * (j % 2))
+            for g in gens:
+                g.wait(120)
+        assert sizes() == before

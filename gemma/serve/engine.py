@@ -6,14 +6,17 @@
     engine.close()
 
 A background thread owns the device state. Each loop it swaps in new weights if
-the learner gave some, admits queued requests into free slots, prefills chunks
-of joining prompts (up to prefill_chunk tokens in all, so that many short prompts
-joining together start decoding in the same step) each into a batch-1 cache (the
-Sampler's prefill, so a prompt is laid out exactly as `Sampler.generate` lays it
-out), copies a finished prefill into its slot(s), and runs one jitted decode step
-over all S rows with per-row positions, sampling parameters and keys. Shapes are
-fixed (S rows, max_len slots, bucketed prefill widths), so nothing compiles after
-warm-up.
+the learner gave some, admits queued requests into free slots, prefills joining
+prompts (up to prefill_chunk tokens in all, so that many short prompts joining
+together start decoding in the same step; with prefill_rows > 1 one-chunk prompts
+together in one Sampler.prefill call of power-of-two rows, else each batch-1), copies
+each finished prefill row into its slot(s), and runs one jitted decode step over
+all S rows with per-row positions, sampling parameters and keys. Shapes are fixed
+(S rows, max_len slots, bucketed prefill rows and widths), so nothing compiles
+after warm-up. A prompt prefilled with others (prefill_rows > 1) goes through products of more rows
+than alone, so its logits may differ from Sampler.generate's in the last bits
+(greedy ids agree but for near-ties); a batch queued together (generate_batch) is
+scheduled the same way on every run, so its seeded draws are reproducible.
 """
 
 from __future__ import annotations
@@ -184,11 +187,11 @@ class _Slot:
 class _Prefill:
     gen: Generation
     slots: list[int]
-    chunks: Iterator
+    width: int  # the prompt's bucket width
+    chunk: int  # tokens per chunk (the width, at most prefill_chunk)
     remaining: int  # chunks still to run
-    chunk: int  # tokens per chunk (the prompt's bucket width, at most prefill_chunk)
     version: int
-    result: tuple | None = None
+    chunks: Iterator | None = None  # a prompt of several chunks: its batch-1 prefill, once started
 
 
 class Engine:
@@ -204,15 +207,21 @@ class Engine:
       max_staleness: refuse requests made against weights more than this many versions old.
       weights_version: the version of the weights given.
       cache_dtype: of the KV cache (default: the model's dtype).
+      prefill_rows: most one-chunk prompts prefilled in one call (default 1: each alone, laid out as
+        Sampler.generate lays it out, bit for bit; more: fewer calls, one program per power-of-two row count,
+        bits as a batched prefill's; on the 2-core CPU 16 at once saved no measurable time, RESULTS.md).
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 512, max_wait_ms: float = 5.0, max_staleness: int | None = None,
-                 weights_version: int = 0, cache_dtype=None):
+                 weights_version: int = 0, cache_dtype=None, prefill_rows: int = 1):
         if not _is_int(max_batch) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if not isinstance(max_wait_ms, (int, float)) or max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
+        if not _is_int(prefill_rows) or prefill_rows < 1:
+            raise ValueError(f"prefill_rows must be an int >= 1, got {prefill_rows!r}")
+        self.prefill_rows = int(prefill_rows)
         if max_staleness is not None and (not _is_int(max_staleness) or max_staleness < 0):
             raise ValueError(f"max_staleness must be an int >= 0 or None, got {max_staleness!r}")
         context = model.config.max_context
@@ -226,7 +235,11 @@ class Engine:
         self.max_staleness = max_staleness
         self.weights_version = int(weights_version)
         self.metrics = Metrics()
-        self._graphdef, self._state = self.sampler._graphdef, self.sampler._state
+        self._state = self.sampler._state
+        # the decode step takes the weights as a flat list under a static key hashed by identity: flattening the
+        # nnx.State and hashing the GraphDef on every call cost ~3 ms of a ~25 ms one-row step (loaded machine)
+        self._model = _ModelKey(self.sampler._graphdef, jax.tree.structure(self._state))
+        self._leaves = jax.tree.leaves(self._state)
         s = self.max_batch
         self._cache = self.sampler.new_cache(s, max_len)
         self._logits = jnp.zeros((s, self.config.vocab_size), jnp.float32)
@@ -250,6 +263,12 @@ class Engine:
     def submit(self, request: Request, listener: Callable[[Event], None] | None = None) -> Generation:
         """Queues `request`; `listener(event)` (called from the engine's thread: keep it quick) sees each
         token and each choice's end. Raises ValueError when it cannot fit, StaleWeights when too old."""
+        gen = self._generation(request, listener)
+        self._enqueue([gen])
+        return gen
+
+    def _generation(self, request: Request, listener) -> Generation:
+        """The handle of `request`, once it is checked against the engine's limits."""
         need = len(request.ids) + request.max_tokens
         if need > self.max_len:
             raise ValueError(f"prompt ({len(request.ids)} tokens) + max_tokens ({request.max_tokens}) = {need} "
@@ -258,33 +277,41 @@ class Engine:
             raise ValueError(f"n ({request.n}) exceeds max_batch ({self.max_batch}), the slots decoded together")
         self.sampler.encode_prompt(list(request.ids))  # ids within the vocabulary
         self._check_staleness(request)
-        gen = Generation(request, listener, self.tokenizer)
+        return Generation(request, listener, self.tokenizer)
+
+    def _enqueue(self, gens: list[Generation]) -> None:
+        """Queues `gens` together: the loop admits them in one pass (a batch's schedule, and so its sampled
+        draws, never depends on how fast the caller submitted)."""
         with self._cond:
             if self._closing:
                 raise EngineClosed("the engine is closed")
-            self._queue.append(gen)
+            self._queue.extend(gens)
             self.metrics.queued = len(self._queue)
             self._cond.notify_all()
-        return gen
 
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_tokens: int = 16, temperature: float = 0.0,
                        top_k: int | None = None, top_p: float | None = None, seed: int | Sequence[int] | None = None,
                        stop: Sequence[str] = (), logprobs: int | None = None,
-                       timeout: float | None = None) -> list[Choice]:
-        """One choice per prompt (text gets <bos>; id lists are taken as given), all through the engine.
-        `seed`: one per prompt, or an int s meaning s + i for prompt i."""
+                       timeout: float | None = None, stop_ids: Sequence[int] | None = None) -> list[Choice]:
+        """One choice per prompt (text gets <bos>; id lists are taken as given), all through the engine, queued
+        together (so a seeded batch draws the same ids however fast this thread runs). `seed`: one per prompt,
+        or an int s meaning s + i for prompt i. `stop_ids`: ids that end a choice (None: <eos>, <end_of_turn>)."""
         seeds = (list(seed) if isinstance(seed, (list, tuple)) else
                  [None if seed is None else seed + i for i in range(len(prompts))])
         if len(seeds) != len(prompts):
             raise ValueError(f"seed must be an int or one per prompt ({len(prompts)}), got {len(seeds)}")
-        gens = [self.submit(Request(tuple(self.sampler.encode_prompt(p)), max_tokens, temperature, top_k, top_p,
-                                    s, tuple(stop), logprobs=logprobs)) for p, s in zip(prompts, seeds)]
+        stop_ids = None if stop_ids is None else tuple(int(i) for i in stop_ids)
+        gens = [self._generation(Request(tuple(self.sampler.encode_prompt(p)), max_tokens, temperature, top_k, top_p,
+                                         s, tuple(stop), stop_ids, logprobs=logprobs), None)
+                for p, s in zip(prompts, seeds)]
+        self._enqueue(gens)
         return [g.wait(timeout)[0] for g in gens]
 
     def update_weights(self, params, version: int, timeout: float | None = 60.0) -> None:
         """Swaps in new weights (an `nnx.State` of the model, or a `Transformer` of the same config) between
         decode steps; returns once they are in use: any request submitted after this returns runs on them.
-        `version` must exceed the current one."""
+        `version` must exceed the current one. The engine keeps its own copy of every array it does not
+        already hold, so the caller may donate or drop its arrays afterwards (a trainer's next step does)."""
         if not _is_int(version) or version <= self.weights_version:
             raise ValueError(f"version must be an int above the current {self.weights_version}, got {version!r}")
         state = nnx.split(params)[1] if isinstance(params, nnx.Module) else params
@@ -295,7 +322,7 @@ class Engine:
         for new, old in zip(jax.tree.leaves(state), jax.tree.leaves(self._state)):
             if new.shape != old.shape:
                 raise ValueError(f"a new weight has shape {new.shape} where the served model's has {old.shape}")
-        state = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), state, self._state)
+        state = jax.tree.map(_own, state, self._state)
         with self._cond:
             self._pending_weights = (state, int(version))
             self._cond.notify_all()
@@ -305,16 +332,18 @@ class Engine:
 
     def warmup(self) -> None:
         """Compiles every program requests use (each prefill width, the decode step) with throwaway requests."""
-        widths, n = [], 1
-        while True:
-            width = _bucket(n, self.sampler.prefill_chunk)
-            if width + 1 > self.max_len or width > self.sampler.prefill_chunk * 2:
-                break
-            widths.append(width)
+        chunk, n = self.sampler.prefill_chunk, 1  # n: the shortest prompt of each width (+ 1 token fits)
+        while n + 1 <= self.max_len and (width := _bucket(n, chunk)) <= 2 * chunk:
+            rows = 1  # each row count prompts of this width are prefilled in, by the fewest prompts that take it
+            most = min(self.max_batch, self.prefill_rows)
+            while rows == 1 or (rows * width <= chunk and rows // 2 + 1 <= most):
+                gens = [self._generation(Request((self.tokenizer.bos_id,) * n, max_tokens=1, temperature=1.0,
+                                                 top_p=0.5, logprobs=1), None) for _ in range(rows // 2 + 1)]
+                self._enqueue(gens)
+                for g in gens:
+                    g.wait()
+                rows *= 2
             n = width + 1
-        for width in widths:
-            self.submit(Request((self.tokenizer.bos_id,) * width, max_tokens=1, temperature=1.0, top_p=0.5,
-                                logprobs=1)).wait()
         # every decode width: S requests fill the slots one by one, then leave from the highest slot down
         s = self.max_batch
         gens = [self.submit(Request((self.tokenizer.bos_id,), max_tokens=s - i + 1, temperature=1.0, top_k=2,
@@ -363,8 +392,7 @@ class Engine:
                 self._cancel_finished()
                 spent = 0  # prompts that joined: up to prefill_chunk tokens of them before the next step, so
                 while self._prefills and spent < self.sampler.prefill_chunk:  # decode runs on full batches
-                    spent += self._prefills[0].chunk
-                    self._advance_prefill()
+                    spent += self._advance_prefill()
                 if any(self._slots):
                     self._step()
             except Exception as e:  # a failed device call: fail what was running, start over clean
@@ -383,7 +411,7 @@ class Engine:
             return
         state, version = self._pending_weights
         self._pending_weights = None
-        self._state = state
+        self._state, self._leaves = state, jax.tree.leaves(state)
         self.sampler._state = state
         with self._weights_applied:
             self.weights_version = version
@@ -410,42 +438,74 @@ class Engine:
                 continue
             slots, free = free[:gen.request.n], free[gen.request.n:]
             self._reserved.update(slots)
-            row = self.sampler.new_cache(1, self.max_len)
-            chunks = self.sampler.prefill_chunks([list(gen.request.ids)], row)
             width = _bucket(len(gen.request.ids), self.sampler.prefill_chunk)
             chunk = min(width, self.sampler.prefill_chunk)
-            self._prefills.append(_Prefill(gen, slots, chunks, -(-width // chunk), chunk, self.weights_version))
+            self._prefills.append(_Prefill(gen, slots, width, chunk, -(-width // chunk), self.weights_version))
         self.metrics.queued = len(self._queue)
         self.metrics.running = self.running
 
-    def _advance_prefill(self) -> None:
-        job = self._prefills[0]
-        if job.gen.cancelled:
-            self._prefills.popleft()
+    def _advance_prefill(self) -> int:
+        """Runs one prefill call and returns the tokens it computed (padding included): the next chunk of a
+        prompt longer than one chunk (batch-1, in chunks, as Sampler.prefill), or else the one-chunk prompts
+        at the head of the line together, as many as fit in prefill_chunk tokens at a power-of-two row count
+        (left-padded to the widest, as Sampler.prefill pads a batch; rows past the prompts are empty)."""
+        for job in [j for j in self._prefills if j.gen.cancelled]:
+            self._prefills.remove(job)
             self._reserved.difference_update(job.slots)
             self._finish_all(job.gen, "cancelled")
-            return
-        job.result = next(job.chunks)
-        job.remaining -= 1
-        if job.remaining:
-            return
-        self._prefills.popleft()
-        logits, row = job.result
-        request = job.gen.request
-        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
-        base = jax.random.key(seed)
-        for index, slot in enumerate(job.slots):
-            self._cache, self._logits = _install(self._cache, self._logits, row, logits, jnp.int32(slot))
-            self._keys[slot] = np.asarray(jax.random.key_data(jax.random.fold_in(base, index)))
-            self._counts[slot] = 0
-            self._temperature[slot] = request.temperature
-            self._top_k[slot] = request.top_k or 0
-            self._top_p[slot] = 1.0 if request.top_p is None else request.top_p
-            self._slots[slot] = _Slot(job.gen, index)
-            choice = job.gen.choices[index]
-            choice.first_version = choice.last_version = job.version
-        self._reserved.difference_update(job.slots)
-        self.metrics.prompt_tokens += len(request.ids)
+        if not self._prefills:
+            return 0
+        job = self._prefills[0]
+        if job.remaining > 1 or job.chunks is not None:
+            if job.chunks is None:
+                job.version = self.weights_version
+                job.chunks = self.sampler.prefill_chunks([list(job.gen.request.ids)],
+                                                         self.sampler.new_cache(1, self.max_len))
+            logits, rows = next(job.chunks)
+            job.remaining -= 1
+            if not job.remaining:
+                self._prefills.popleft()
+                self._start([job], rows, logits)
+            return job.chunk
+        group, width = [job], job.width
+        for other in itertools.islice(self._prefills, 1, None):
+            wider = max(width, other.width)
+            if (other.remaining > 1 or len(group) == self.prefill_rows
+                    or _rows(len(group) + 1) * wider > self.sampler.prefill_chunk):
+                break
+            group.append(other)
+            width = wider
+        for job in group:
+            self._prefills.popleft()
+            job.version = self.weights_version
+        n = _rows(len(group))
+        prompts = [list(job.gen.request.ids) for job in group] + [[]] * (n - len(group))
+        logits, rows = self.sampler.prefill(prompts, self.sampler.new_cache(n, self.max_len))
+        self._start(group, rows, logits)
+        return n * width
+
+    def _start(self, jobs: list[_Prefill], rows: Cache, logits: jax.Array) -> None:
+        """Copies row r of the prefilled `rows` (and its last logits) into job r's slot(s); the slots start."""
+        src, dst = np.full(self.max_batch, -1, np.int32), np.full(self.max_batch, -1, np.int32)
+        pairs = [(r, slot) for r, job in enumerate(jobs) for slot in job.slots]
+        src[:len(pairs)], dst[:len(pairs)] = zip(*pairs)
+        self._cache, self._logits = _install(self._cache, self._logits, rows, logits, jnp.asarray(src),
+                                             jnp.asarray(dst))
+        for job in jobs:
+            request = job.gen.request
+            seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
+            base = jax.random.key(seed)
+            for index, slot in enumerate(job.slots):
+                self._keys[slot] = np.asarray(jax.random.key_data(jax.random.fold_in(base, index)))
+                self._counts[slot] = 0
+                self._temperature[slot] = request.temperature
+                self._top_k[slot] = request.top_k or 0
+                self._top_p[slot] = 1.0 if request.top_p is None else request.top_p
+                self._slots[slot] = _Slot(job.gen, index)
+                choice = job.gen.choices[index]
+                choice.first_version = choice.last_version = job.version
+            self._reserved.difference_update(job.slots)
+            self.metrics.prompt_tokens += len(request.ids)
 
     def _step(self) -> None:
         # slots are taken lowest first; only a power-of-two prefix holding every active slot is computed
@@ -453,7 +513,7 @@ class Engine:
         active = np.asarray([s is not None for s in self._slots[:rows]])
         want_top = any(s is not None and s.gen.request.logprobs for s in self._slots)
         token, chosen, top_values, top_ids, self._logits, self._cache = _decode_step(
-            self._graphdef, self._state, self._cache, self._logits, jnp.asarray(self._keys[:rows]),
+            self._model, self._leaves, self._cache, self._logits, jnp.asarray(self._keys[:rows]),
             jnp.asarray(self._counts[:rows]), jnp.asarray(self._temperature[:rows]), jnp.asarray(self._top_k[:rows]),
             jnp.asarray(self._top_p[:rows]), jnp.asarray(active), jnp.bool_(want_top), rows)
         token, chosen = np.asarray(token), np.asarray(chosen)
@@ -538,22 +598,49 @@ class Engine:
 
 
 
+def _own(new, old) -> jax.Array:
+    """`new` as the engine keeps it: `old` itself when they are the same array, else an array of old's dtype and
+    placement that no one else holds (a copy when `new` already is one)."""
+    if new is old:
+        return old
+    mine = (jnp.array(new, copy=True) if isinstance(new, jax.Array) and new.dtype == old.dtype
+            else jnp.asarray(new, old.dtype))
+    return jax.device_put(mine, old.sharding)
+
+
+def _rows(n: int) -> int:
+    """The rows of a prefill call for n prompts: the next power of two (one program per power)."""
+    return 1 << (n - 1).bit_length()
+
+
 @functools.partial(jax.jit, donate_argnums=(0, 1))
-def _install(cache: Cache, logits: jax.Array, row: Cache, row_logits: jax.Array, slot: jax.Array):
-    """`cache` and `logits` with row `slot` replaced by a prefilled batch-1 `row` and its last logits."""
-    put = lambda big, one: cpu_decode.put_rows(big, one, slot)  # in place (XLA:CPU widens a bf16 update)
-    return jax.tree.map(put, cache, row), put(logits, row_logits)  # every array: k, v, int8 scales, length
+def _install(cache: Cache, logits: jax.Array, rows: Cache, rows_logits: jax.Array, src: jax.Array, dst: jax.Array):
+    """`cache` and `logits` with row dst[k] replaced by row src[k] of a prefilled `rows` and its last logits
+    (int32 [S] each; -1: none), every array: k, v, int8 scales, length."""
+    put = lambda big, part: cpu_decode.copy_rows(big, part, src, dst)  # in place (XLA:CPU widens a bf16 scatter)
+    return jax.tree.map(put, cache, rows), put(logits, rows_logits)
+
+
+class _ModelKey:
+    """The static part of the served model (GraphDef and the state's tree structure), equal only to itself: a jit
+    static argument that hashes in O(1) (the same engine's weight updates keep it, so nothing recompiles)."""
+
+    def __init__(self, graphdef, treedef):
+        self.graphdef, self.treedef = graphdef, treedef
+
+    def merge(self, leaves) -> Transformer:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 11), donate_argnums=(2, 3))
-def _decode_step(graphdef, state, cache, logits, keys, counts, temperature, top_k, top_p, active, want_top,
+def _decode_step(served: _ModelKey, leaves, cache, logits, keys, counts, temperature, top_k, top_p, active, want_top,
                  rows):
     """Samples each active row's next token from its logits with its own parameters and key
     (fold_in(key, tokens drawn so far)), feeds it, and returns (token, its logprob, top logprobs
     values and ids [rows, TOP_LOGPROBS] (zeros unless want_top), next logits, cache). Only the first
     `rows` (static) slots are computed: the per-row inputs hold those; the rest of the cache is kept."""
     whole, whole_logits = cache, logits
-    model = nnx.merge(graphdef, state)
+    model = served.merge(leaves)
     # On CPU the kernels (cache write, attention) take the first `rows` rows of the whole cache in place: a
     # Cache of the whole arrays with `rows` lengths. Elsewhere the prefix is sliced out and put back.
     in_place = cpu_decode.usable() and all(kernels.resolve(b.attn.impl) == "xla" for b in model.layers)

@@ -114,20 +114,21 @@ def distill(student, teacher, tokenizer, data_path: str, output: str, *, config:
     if start == 0 and eval_every is not None:
         run_eval(0)
     bar = tqdm(total=config.steps, initial=start, desc="distill", unit="step", disable=not (progress and primary))
-    for step in range(start + 1, config.steps + 1):
-        t0 = time.perf_counter()
-        last = trainer.step([next(it) for _ in range(config.grad_accum)])
-        seconds = time.perf_counter() - t0
-        metrics.write({"step": step, "loss": last["loss"], "on_policy": last["on_policy"],
-                       "learning_rate": last["learning_rate"], "tokens": last["tokens"],
-                       "tokens_per_s": last["tokens"] / seconds})
-        bar.set_postfix(loss=f"{last['loss']:.4f}", on_policy=f"{last['on_policy']:.2f}")
-        bar.update(1)
-        final = step == config.steps
-        if eval_examples is not None and (final or (eval_every is not None and step % eval_every == 0)):
-            run_eval(step)
-        if (save_every is not None and step % save_every == 0) or final:
-            run_lib.save(manager, step, trainer, {"step": step, "data": it.get_state()})
+    with trainer:  # closes its generation engines
+        for step in range(start + 1, config.steps + 1):
+            t0 = time.perf_counter()
+            last = trainer.step([next(it) for _ in range(config.grad_accum)])
+            seconds = time.perf_counter() - t0
+            metrics.write({"step": step, "loss": last["loss"], "on_policy": last["on_policy"],
+                           "learning_rate": last["learning_rate"], "tokens": last["tokens"],
+                           "tokens_per_s": last["tokens"] / seconds})
+            bar.set_postfix(loss=f"{last['loss']:.4f}", on_policy=f"{last['on_policy']:.2f}")
+            bar.update(1)
+            final = step == config.steps
+            if eval_examples is not None and (final or (eval_every is not None and step % eval_every == 0)):
+                run_eval(step)
+            if (save_every is not None and step % save_every == 0) or final:
+                run_lib.save(manager, step, trainer, {"step": step, "data": it.get_state()})
     bar.close()
     run_lib.close(manager, best, metrics)
     return run_lib.save_result(trainer, tokenizer, output, metrics, primary)

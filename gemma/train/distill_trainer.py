@@ -12,7 +12,9 @@ student steps on their cross-entropy instead, and the teacher is not run.
 
 Each response is the prompt (the row up to its first loss token) + generated ids through <end_of_turn>
 (included), or up to the row's length; an <eos> inside ends it (included). A row's coin and seeds come from
-(seed, step, micro-batch), so a resumed run draws what an uninterrupted one drew.
+(seed, step, micro-batch), so a resumed run draws what an uninterrupted one drew. Responses are generated
+through the serving engine (gemma.serve.Engine), one per model, kept across steps: the student's gets the
+current weights by `update_weights(state, step)`, so nothing recompiles per step; `close()` ends them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gemma.sampler import Sampler
+from gemma.serve.engine import Engine
 from gemma.train import data as data_lib
 from gemma.train import sharding
 from gemma.train.distill import check_divergence, generalized_jsd_sum, sparse_cross_entropy_sum
@@ -139,6 +141,7 @@ class DistillTrainer(Trainer):
         evaluate = jax.jit(functools.partial(distill_sums, self.graphdef, self.teacher_graphdef, config.compute_dtype,
                                              None, config.loss_chunk, distill, self.vocab))
         self._eval = lambda trainable, frozen, batch: evaluate(trainable, frozen, self.teacher_state, batch)
+        self._engines: dict[str, Engine] = {}
 
     def teacher(self):
         return nnx.merge(self.teacher_graphdef, self.teacher_state)
@@ -154,16 +157,50 @@ class DistillTrainer(Trainer):
         for m, batch in enumerate(micro_batches):
             seed = int(rng.integers(2**31))
             if dc.seq_kd and not isinstance(batch, TargetBatch):
-                batch = generate_responses(self.teacher(), self.tokenizer, batch, max_new_tokens=dc.max_new_tokens,
-                                           temperature=dc.gen_temperature, seed=seed)
+                batch = generate_responses(self.engine("teacher", batch), self.tokenizer, batch,
+                                           max_new_tokens=dc.max_new_tokens, temperature=dc.gen_temperature, seed=seed)
             coin = rng.random() < dc.lmbda
             if coin and not isinstance(batch, TargetBatch):
-                batch = generate_responses(self.student(), self.tokenizer, batch, max_new_tokens=dc.max_new_tokens,
-                                           temperature=dc.gen_temperature, seed=seed + 1)
+                batch = generate_responses(self.engine("student", batch), self.tokenizer, batch,
+                                           max_new_tokens=dc.max_new_tokens, temperature=dc.gen_temperature,
+                                           seed=seed + 1)
                 on_policy += 1
             batches.append(batch)
         metrics = super().step(batches)
         return {**metrics, "on_policy": on_policy / len(batches)}
+
+    def engine(self, which: str, batch) -> Engine:
+        """The engine that generates `which` ("student" or "teacher") model's responses for batches like `batch`,
+        made on first use (a slot per row, the row length as max_len) and kept; the student's holds the
+        current weights (pushed with the step count as their version)."""
+        rows, seq_len = batch.inputs.shape
+        engine = self._engines.get(which)
+        if engine is not None and (engine.max_batch < rows or engine.max_len < seq_len):
+            engine.close()
+            engine = None
+        if engine is None:
+            if which == "teacher":
+                model = self.teacher()
+            else:  # its own copy of the trained weights: the step donates the trainer's
+                model = nnx.merge(self.graphdef, jax.tree.map(lambda x: jnp.array(x, copy=True), self.trainable),
+                                  self.frozen)
+            engine = self._engines[which] = Engine(model, self.tokenizer, max_batch=rows, max_len=seq_len,
+                                                   max_wait_ms=0, weights_version=self.step_count)
+        elif which == "student" and engine.weights_version < self.step_count:
+            engine.update_weights(self.student(), self.step_count)
+        return engine
+
+    def close(self) -> None:
+        """Ends the generation engines' threads (a later step makes new ones)."""
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def prompts_of(batch) -> list[list[int]]:
@@ -180,7 +217,8 @@ def prompts_of(batch) -> list[list[int]]:
 
 def generate_responses(model, tokenizer, batch, *, max_new_tokens: int, temperature: float, seed: int):
     """The batch with each row's response replaced by `model`'s continuation of its prompt (a data.Batch of
-    the same shape)."""
+    the same shape). `model`: a gemma.serve.Engine with max_len >= the row length (a trainer's, kept across
+    steps), or a Transformer (a one-off engine). Row i draws from seed + i; greedy ids are Sampler.generate's."""
     seq_len = batch.inputs.shape[1]
     prompts = prompts_of(batch)
     live = [i for i, p in enumerate(prompts) if p and len(p) < seq_len]
@@ -188,10 +226,15 @@ def generate_responses(model, tokenizer, batch, *, max_new_tokens: int, temperat
     if live:
         longest = max(len(prompts[i]) for i in live)
         new = min(max_new_tokens, seq_len - longest)
-        sampler = Sampler(model, tokenizer, max_len=seq_len)
-        sampler.stop_ids = (tokenizer.end_of_turn_id,)  # an <eos> is cut below, so each row's stop id is known
-        out = sampler.generate([prompts[i] for i in live], max_new_tokens=new, temperature=temperature, seed=seed)
-        for i, ids in zip(live, out.tokens):
+        engine = model if isinstance(model, Engine) else Engine(model, tokenizer, max_batch=len(live),
+                                                                max_len=seq_len, max_wait_ms=0)
+        try:  # an <eos> is cut below, so <end_of_turn> alone stops a row and each row's stop id is known
+            out = engine.generate_batch([prompts[i] for i in live], max_tokens=new, temperature=temperature,
+                                        seed=seed, stop_ids=(tokenizer.end_of_turn_id,))
+        finally:
+            if engine is not model:
+                engine.close()
+        for i, ids in zip(live, (choice.tokens for choice in out)):
             if len(ids) < new:
                 ids = ids + [tokenizer.end_of_turn_id]
             if tokenizer.eos_id in ids:
