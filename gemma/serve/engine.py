@@ -605,7 +605,7 @@ def _own(new, old) -> jax.Array:
         return old
     mine = (jnp.array(new, copy=True) if isinstance(new, jax.Array) and new.dtype == old.dtype
             else jnp.asarray(new, old.dtype))
-    return jax.device_put(mine, old.sharding)
+    return jax.device_put(mine, old.sharding) if isinstance(old, jax.Array) else mine  # old: host (numpy) weights
 
 
 def _rows(n: int) -> int:
