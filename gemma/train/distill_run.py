@@ -64,9 +64,7 @@ def distill(student, teacher, tokenizer, data_path: str, output: str, *, config:
             log=None) -> dict[str, Any]:
     """Runs (or resumes) a distillation run in `output`; returns {"step", "loss", "eval_loss", "path", "model"}.
     `student` and `teacher` (gemma.Transformer) are taken over; `epochs` (instead of config.steps) as finetune's."""
-    for name, value in (("save_every", save_every), ("eval_every", eval_every)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+    run_lib.check_run_args(save_every, eval_every)
     check_targets(targets, distill)
     output = os.path.abspath(output)
     identity = run_identity(config, distill, student_source, teacher_source, data_path, long, targets)

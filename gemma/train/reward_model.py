@@ -44,6 +44,16 @@ class Labelled(NamedTuple):
     labels: np.ndarray
 
 
+def pad_rows(rows, length: int, *, left: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows -> int32 [N, length] and its bool mask, each row right- (or left-) padded: the head reads
+    the last real token either way."""
+    tokens, mask = np.zeros((len(rows), length), np.int32), np.zeros((len(rows), length), bool)
+    for i, r in enumerate(rows):
+        cols = slice(length - len(r), length) if left else slice(0, len(r))
+        tokens[i, cols], mask[i, cols] = r, True
+    return tokens, mask
+
+
 class ScalarHead(nnx.Module):
     """r = w . h + b on a [..., D] hidden state; w and b start at 0 (every reward 0 before training)."""
 

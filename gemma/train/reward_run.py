@@ -132,19 +132,13 @@ def load_examples(path, tokenizer, seq_len: int, long: str = "drop",
     return kind, examples, counts
 
 
-def _pad(rows, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded int32 [N, length] and its bool mask."""
-    tokens, mask = np.zeros((len(rows), length), np.int32), np.zeros((len(rows), length), bool)
-    for i, r in enumerate(rows):
-        tokens[i, length - len(r):], mask[i, length - len(r):] = r, True
-    return tokens, mask
-
-
 def make_batch(examples, objective: str, length: int) -> R.Pairs | R.Labelled:
     """Examples (as load_examples gives them) -> one batch, every row left-padded to `length`."""
     if objective == "bradley-terry":
-        return R.Pairs(*_pad([c for c, _ in examples], length), *_pad([r for _, r in examples], length))
-    return R.Labelled(*_pad([ids for ids, _ in examples], length), np.asarray([y for _, y in examples], np.float32))
+        return R.Pairs(*R.pad_rows([c for c, _ in examples], length, left=True),
+                       *R.pad_rows([r for _, r in examples], length, left=True))
+    return R.Labelled(*R.pad_rows([ids for ids, _ in examples], length, left=True),
+                      np.asarray([y for _, y in examples], np.float32))
 
 
 def eval_batches(examples, objective: str, batch_size: int) -> list:
@@ -230,11 +224,7 @@ def train_reward_model(init: R.RewardModel, tokenizer, data_path: str, output: s
     `config.steps` steps per member (or, with `epochs`, as many as that many passes over the data take)."""
     import checkpoints
 
-    for name, value in (("save_every", save_every), ("eval_every", eval_every)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
-    if not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    run_lib.check_run_args(save_every, eval_every, keep)
     if not isinstance(init, R.RewardModel):
         raise TypeError(f"init must be a reward_model.RewardModel, got {type(init).__name__}")
     output = os.path.abspath(output)

@@ -51,8 +51,8 @@ def load_prompts(path: str, tokenizer, max_len: int | None = None, long: str = "
     """(ids, prompt text) of each record of a prompts JSONL, and counts {"prompts", "truncated", "dropped"}: a
     prompt over `max_len` tokens is cut to it ("truncate"), left out ("drop") or an error ("error").
     ValueError naming FILE:LINE on a bad record."""
-    if long not in ("truncate", "drop", "error"):
-        raise ValueError(f"long={long!r}; expected one of 'truncate', 'drop', 'error'")
+    if long not in data_lib._LONG:
+        raise ValueError(f"long={long!r}; expected one of {', '.join(map(repr, data_lib._LONG))}")
     out, truncated, dropped = [], 0, 0
     for lineno, record in data_lib._read(path, _check_prompt, PROMPT_FORMATS):
         where = f"{os.fspath(path)}:{lineno}"
@@ -144,11 +144,7 @@ def rl(policy, tokenizer, prompts: str | Sequence, output: str, *, config: Train
     `eval_every` steps and at the end. `long`: what to do with a prompt JSONL's prompt over seq_len -
     max_new_tokens tokens (load_prompts). `epochs` (instead of config.steps): passes over the prompts.
     """
-    for name, value in (("save_every", save_every), ("eval_every", eval_every)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
-    if not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    run_lib.check_run_args(save_every, eval_every, keep)
     output = os.path.abspath(output)
     room = config.seq_len - rl_config.max_new_tokens
     counts = {"prompts": len(prompts) if not isinstance(prompts, (str, os.PathLike)) else None}

@@ -49,7 +49,7 @@ from gemma.train import rl, sharding
 from gemma.train.distill import check_divergence, generalized_jsd_sum
 from gemma.train.distill_trainer import _hidden, shared_vocab
 from gemma.train.loss import cross_entropy_sum
-from gemma.train.reward_model import RewardModel
+from gemma.train.reward_model import RewardModel, pad_rows
 from gemma.train.trainer import Trainer, TrainConfig, _cast, _micro_sharding, accumulated_step
 
 BASELINES = ("group", "value")
@@ -426,7 +426,7 @@ class RLTrainer(Trainer):
     def _score_rewards(self, rollouts: list[Rollout], prompts: list) -> None:
         if isinstance(self.reward, RewardModel):
             rows = [list(ids) + r.tokens for r, (ids, _) in zip(rollouts, prompts)]
-            tokens, mask = _right_pad(rows, max(map(len, rows)))
+            tokens, mask = pad_rows(rows, max(map(len, rows)))
             scores = np.asarray(self.reward(tokens, mask), np.float64)
             for r, s in zip(rollouts, scores):
                 r.reward = float(s) if math.isfinite(s) else None
@@ -538,7 +538,7 @@ class RLTrainer(Trainer):
 
     def _prompt_rows(self, rollouts: list[Rollout]):
         n = self.rl.samples_per_prompt
-        return _right_pad([self.prompts[rollouts[g].prompt_index][0] for g in range(0, len(rollouts), n)],
+        return pad_rows([self.prompts[rollouts[g].prompt_index][0] for g in range(0, len(rollouts), n)],
                           self.config.seq_len)
 
     def _values(self, rollouts: list[Rollout]) -> np.ndarray:
@@ -593,13 +593,6 @@ class RLTrainer(Trainer):
 
     def close(self) -> None:
         self.engine.close()
-
-
-def _right_pad(rows, width: int):
-    tokens, mask = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), bool)
-    for k, row in enumerate(rows):
-        tokens[k, :len(row)], mask[k, :len(row)] = row, True
-    return tokens, mask
 
 
 def reward_hacking(records: Sequence[dict], reward: str = "eval_reward", metric: str = "eval_metric", *,

@@ -47,6 +47,15 @@ def run_identity(config: TrainConfig, model_source: str, data_path: str, packing
             "weight_decay": config.weight_decay}
 
 
+def check_run_args(save_every: int | None, eval_every: int | None, keep: int | None = None) -> None:
+    """ValueError unless save_every / eval_every are ints >= 1 or None and keep (when given) an int >= 1."""
+    for name, value in (("save_every", save_every), ("eval_every", eval_every)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+    if keep is not None and (not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+
+
 def check_output(output: str, identity: dict, keys: tuple[str, ...] = ()) -> bool:
     """Whether `output` holds this run already (True: resume); raises if it holds anything else: another
     model, data or training settings (IDENTITY), or other values of a trainer's own `keys`.
@@ -139,11 +148,7 @@ def finetune(model, tokenizer, data_path: str, output: str, *, config: TrainConf
     `output` itself (checkpoints.save), so `checkpoints.load(output)` gives the fine-tuned model; under
     LoRA the adapters also go to `output`/adapter in PEFT's layout.
     """
-    for name, value in (("save_every", save_every), ("eval_every", eval_every)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
-    if not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    check_run_args(save_every, eval_every, keep)
     output = os.path.abspath(output)
     identity = run_identity(config, model_source, data_path, packing, long)
     check_output(output, identity)
