@@ -459,10 +459,11 @@ class Sampler:
 
     def generate_speculative(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                             stop: Sequence[str] | None = None, draft_len: int | None = None) -> SamplerOutput:
+                             stop: Sequence[str] | None = None,
+                             draft_len: int | Sequence[int] | None = None) -> SamplerOutput:
         """`generate` for one text prompt with speculative decoding (gemma/speculative.py: prompt-lookup drafts
         checked in one pass): greedy ids are generate's, sampled ids distributed as generate's. `draft_len`:
-        tokens drafted a pass (None: gemma.speculative.DRAFT_LEN)."""
+        tokens drafted a pass, an int or one per recurring n-gram length (None: gemma.speculative.DRAFT_LEN)."""
         from gemma import speculative
 
         draft_len = speculative.DRAFT_LEN if draft_len is None else draft_len

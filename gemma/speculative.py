@@ -3,7 +3,8 @@ in one extend over the compact cache, the whole draft-verify loop one jitted `la
 
 Each pass feeds [last, d1 .. dm] (last: the newest token, not yet in the cache; d: the draft, m <= k,
 the chunk right-padded to k + 1 with position -1, which writes nothing) in one chunk, so the target's
-weights are read once for up to k + 1 tokens. Greedy: the longest draft prefix equal to the target's
+weights are read once for up to k + 1 tokens. k depends on the length of the recurring n-gram (a longer
+match drafts more), since a pass's products cost more with each row they carry. Greedy: the longest draft prefix equal to the target's
 argmaxes is kept, plus the target's own next token, so the ids are the target's alone. Sampled: each
 draft token d_i is kept with probability p_i(d_i) (the draft is a point mass), and the first rejected
 one is replaced by a draw from p_i without d_i, renormalized; a fully kept draft adds a draw from p_m.
@@ -29,34 +30,36 @@ from gemma.config import VOCAB_SIZE
 from gemma.sampler import SamplingParams, _bucket, _nucleus, greedy_rows
 
 
-# The defaults (Sampler.generate_speculative's too): the best of draft 2 / 3 / 4 with n-grams 3..2 and 3..1 on
-# the parity prompts, int4 270M (benchmarks/RESULTS.md, 2026-12-07).
-DRAFT_LEN, MAX_NGRAM, MIN_NGRAM = 4, 3, 1
+# The defaults (Sampler.generate_speculative's too): draft 4 tokens after a recurring 3-gram, 2 after a 2-gram, 1
+# after a 1-gram; a longer match predicts more of what follows, and a pass's cost grows with its rows.
+DRAFT_LEN, MAX_NGRAM, MIN_NGRAM = (4, 2, 1), 3, 1
 
 
 def lookup(history: jax.Array, count: jax.Array, draft_len: int, max_ngram: int = 3,
-           min_ngram: int = 1) -> tuple[jax.Array, jax.Array]:
+           min_ngram: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Traceable prompt lookup over `history` int [L] of which the first `count` tokens are the context:
-    (draft [draft_len], m) where draft[:m] are the tokens that followed the latest earlier occurrence of
-    the context's last n-gram, longest n first (max_ngram down to min_ngram); m = 0 when none recurs.
+    (draft [draft_len], m, n) where draft[:m] are the tokens that followed the latest earlier occurrence of
+    the context's last n-gram, longest n first (max_ngram down to min_ngram); m = n = 0 when none recurs.
     L must be >= count + draft_len (the draft is sliced from the buffer)."""
     j = jnp.arange(history.shape[0])
-    start = jnp.int32(-1)
+    start, matched = jnp.int32(-1), jnp.int32(0)
     for n in range(max_ngram, min_ngram - 1, -1):  # a window starting at j ends before the last token
         tail = jax.lax.dynamic_slice(history, (jnp.maximum(count - n, 0),), (n,))
         hit = (j + n <= count - 1) & (count - 1 >= n)
         for i in range(n):
             hit &= jnp.roll(history, -i) == tail[i]
         latest = jnp.max(jnp.where(hit, j, -1))
-        start = jnp.where((start < 0) & (latest >= 0), latest + n, start).astype(jnp.int32)
+        first = (start < 0) & (latest >= 0)
+        start = jnp.where(first, latest + n, start).astype(jnp.int32)
+        matched = jnp.where(first, n, matched).astype(jnp.int32)
     draft = jax.lax.dynamic_slice(history, (jnp.maximum(start, 0),), (draft_len,))
-    return draft, jnp.where(start >= 0, jnp.minimum(draft_len, count - start), 0).astype(jnp.int32)
+    return draft, jnp.where(start >= 0, jnp.minimum(draft_len, count - start), 0).astype(jnp.int32), matched
 
 
 def prompt_lookup(context: Sequence[int], draft_len: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
     """`lookup` on a host list: the draft tokens (up to `draft_len`; [] when no n-gram recurs)."""
     history = jnp.asarray(list(context) + [0] * draft_len, jnp.int32)
-    draft, m = _lookup(history, jnp.int32(len(context)), draft_len, max_ngram, min_ngram)
+    draft, m, _ = _lookup(history, jnp.int32(len(context)), draft_len, max_ngram, min_ngram)
     return np.asarray(draft)[:int(m)].tolist()
 
 
@@ -116,12 +119,17 @@ class SpeculativeStats:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
-def _loop(graphdef, state, cache, logits, history, count, key, params, draft_len, max_ngram, min_ngram, stop_ids,
+def _loop(graphdef, state, cache, logits, history, count, key, params, draft_lens, max_ngram, min_ngram, stop_ids,
           max_new):
     """Draft-verify passes until a stop id or `max_new` tokens: returns (history with the generated tokens
-    after the prompt's `count`, the number generated (a final stop id included), [steps, drafted, accepted])."""
+    after the prompt's `count`, the number generated (a final stop id included), [steps, drafted, accepted]).
+    draft_lens[i]: tokens drafted after a recurring n-gram of n = max_ngram - i; each distinct length is a
+    pass of its own row count (one branch each)."""
     model = nnx.merge(graphdef, state)
-    k = draft_len
+    k = max(draft_lens)
+    lengths = sorted(set(draft_lens))
+    branch_of_n = jnp.asarray([0] * min_ngram + [1 + lengths.index(draft_lens[max_ngram - n])
+                                                 for n in range(min_ngram, max_ngram + 1)], jnp.int32)
     prompt_len = count
     key, sub = jax.random.split(key)
     first = choose(logits, jnp.zeros((0,), jnp.int32), jnp.int32(0), sub, params)[1]
@@ -134,24 +142,28 @@ def _loop(graphdef, state, cache, logits, history, count, key, params, draft_len
 
     def body(carry):
         cache, history, count, key, _, stats = carry
-        draft, m = lookup(history, count, k, max_ngram, min_ngram)
+        draft, m, matched = lookup(history, count, k, max_ngram, min_ngram)
         start = count - 1  # the position of the newest token, not yet in the cache
-        offsets = jnp.arange(k + 1, dtype=jnp.int32)
         key, sub = jax.random.split(key)
 
-        def verify(cache):
-            positions = jnp.where(offsets <= m, start + offsets, -1)[None]
-            tokens = jnp.concatenate([history[start][None], draft])[None]
+        def verify(length, cache):  # a pass of length + 1 rows over [newest, draft[:length]]
+            d = draft[:length]
+            m_ = jnp.minimum(m, length)
+            offsets = jnp.arange(length + 1, dtype=jnp.int32)
+            positions = jnp.where(offsets <= m_, start + offsets, -1)[None]
+            tokens = jnp.concatenate([history[start][None], d])[None]
             snapshot = ring_snapshot(cache, positions)
             logits, cache = model.extend(jnp.where(positions >= 0, tokens, 0), positions, cache, last_only=False)
-            n, nxt = choose(logits[0], draft, m, sub, params)
-            return rollback(cache, snapshot, positions, (start + 1 + n)[None]), n, nxt
+            n, nxt = choose(logits[0], d, m_, sub, params)
+            return rollback(cache, snapshot, positions, (start + 1 + n)[None]), n, nxt, m_
 
         def step(cache):  # no draft: a plain one-token decode step
             logits, cache = model.extend(history[start][None, None], start[None, None], cache)
-            return cache, jnp.int32(0), choose(logits[0], draft[:0], jnp.int32(0), sub, params)[1]
+            return cache, jnp.int32(0), choose(logits[0], draft[:0], jnp.int32(0), sub, params)[1], jnp.int32(0)
 
-        cache, n, nxt = jax.lax.cond(m > 0, verify, step, cache)
+        branches = [step] + [functools.partial(verify, length) for length in lengths]
+        cache, n, nxt, m = jax.lax.switch(jnp.where(m > 0, branch_of_n[matched], 0), branches, cache)
+        offsets = jnp.arange(k + 1, dtype=jnp.int32)
         new = jnp.where(offsets < n, jnp.concatenate([draft, draft[:1]]), nxt)  # draft[:n] + [nxt], padded
         stop = (offsets <= n) & jnp.isin(new, stop_ids)
         emitted = jnp.minimum(jnp.where(stop.any(), jnp.argmax(stop) + 1, n + 1), max_new - (count - prompt_len))
@@ -163,26 +175,40 @@ def _loop(graphdef, state, cache, logits, history, count, key, params, draft_len
     return history, count - prompt_len, stats
 
 
-def generate(sampler, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0, draft_len: int = DRAFT_LEN,
-             max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> tuple[list[int], SpeculativeStats]:
-    """Continues one prompt with speculative decoding on `sampler`'s model and cache layout; returns the
-    generated ids (stop id excluded, as Sampler.generate) and the draft statistics. Drafts come from the
-    longest recurring n-gram, max_ngram down to min_ngram; a pass with none is a plain one-token step."""
-    params = SamplingParams(temperature, top_k, top_p)
-    if not isinstance(draft_len, int) or not 1 <= draft_len < sampler.config.sliding_window:
-        raise ValueError(f"draft_len must be an int in [1, {sampler.config.sliding_window}), got {draft_len!r}")
+def draft_lengths(draft_len, max_ngram: int, min_ngram: int, window: int) -> tuple[int, ...]:
+    """draft_len (an int for every n-gram length, or one int per n from max_ngram down to min_ngram) as
+    that tuple, checked."""
     if not (isinstance(max_ngram, int) and isinstance(min_ngram, int) and 1 <= min_ngram <= max_ngram):
         raise ValueError(f"n-gram sizes must be ints with 1 <= min_ngram <= max_ngram, got {min_ngram!r}, {max_ngram!r}")
+    count = max_ngram - min_ngram + 1
+    lens = (draft_len,) * count if isinstance(draft_len, int) else tuple(draft_len) if isinstance(
+        draft_len, (tuple, list)) else None
+    if lens is None or len(lens) != count or not all(isinstance(d, int) and 1 <= d < window for d in lens):
+        raise ValueError(f"draft_len must be an int in [1, {window}) or {count} such ints (one per n-gram length "
+                         f"{max_ngram}..{min_ngram}), got {draft_len!r}")
+    return lens
+
+
+def generate(sampler, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             draft_len: int | Sequence[int] = DRAFT_LEN, max_ngram: int = MAX_NGRAM,
+             min_ngram: int = MIN_NGRAM) -> tuple[list[int], SpeculativeStats]:
+    """Continues one prompt with speculative decoding on `sampler`'s model and cache layout; returns the
+    generated ids (stop id excluded, as Sampler.generate) and the draft statistics. Drafts come from the
+    longest recurring n-gram, max_ngram down to min_ngram: `draft_len` tokens of what followed it (an int, or
+    one int per n-gram length, longest first); a pass with none is a plain one-token step."""
+    params = SamplingParams(temperature, top_k, top_p)
+    lens = draft_lengths(draft_len, max_ngram, min_ngram, sampler.config.sliding_window)
+    k = max(lens)
     row = sampler.encode_prompt(prompt)
     sampler._check_room([len(row)], max_new_tokens)
-    room = _bucket(len(row), sampler.prefill_chunk) + _bucket(max_new_tokens + draft_len + 1, 1 << 30)
+    room = _bucket(len(row), sampler.prefill_chunk) + _bucket(max_new_tokens + k + 1, 1 << 30)
     cache = sampler.new_cache(1, min(sampler.max_len, room))  # bucketed as Sampler.generate: few shapes
     logits, cache = sampler.prefill([row], cache)
-    history = np.zeros(room + draft_len + 1, np.int32)  # the prompt, then what is generated
+    history = np.zeros(room + k + 1, np.int32)  # the prompt, then what is generated
     history[:len(row)] = row
     history, n, stats = _loop(sampler._graphdef, sampler._state, cache, logits, jnp.asarray(history),
-                              jnp.int32(len(row)), jax.random.key(seed), params, draft_len, max_ngram, min_ngram,
+                              jnp.int32(len(row)), jax.random.key(seed), params, lens, max_ngram, min_ngram,
                               jnp.asarray(sampler.stop_ids, jnp.int32), jnp.int32(max_new_tokens))
     out = np.asarray(history)[len(row):len(row) + int(n)].tolist()
     if out and out[-1] in sampler.stop_ids:

@@ -26,6 +26,23 @@ def test_prompt_lookup_copies_what_followed_the_latest_ngram():
     assert speculative.prompt_lookup([7], 4) == []
 
 
+def test_lookup_reports_the_matched_ngram_length():
+    for context, n in [([5, 6, 7, 8, 9, 5, 6, 7], 3), ([1, 2, 4, 1, 2], 2), ([1, 2, 3, 9, 3], 1), ([1, 2, 3, 4], 0)]:
+        history = jnp.asarray(context + [0] * 4, jnp.int32)
+        assert int(speculative.lookup(history, jnp.int32(len(context)), 4, 3, 1)[2]) == n, context
+
+
+@pytest.mark.parametrize("draft_len, match", [
+    ((4, 2), r"draft_len must be an int in \[1, 8\) or 3 such ints \(one per n-gram length 3..1\), got \(4, 2\)"),
+    ((4, 2, 0), "got \\(4, 2, 0\\)"), (8, "got 8"), ("4", "got '4'"), ((4, 2.0, 1), "got")])
+def test_bad_draft_lengths_are_named(tiny, tokenizer_270m, draft_len, match):
+    s = Sampler(tiny, tokenizer_270m, max_len=128, prefill_chunk=16)
+    with pytest.raises(ValueError, match=match):
+        speculative.generate(s, [2, 5, 6, 5, 6], max_new_tokens=4, draft_len=draft_len)
+    with pytest.raises(ValueError, match="n-gram sizes"):
+        speculative.generate(s, [2, 5, 6, 5, 6], max_new_tokens=4, min_ngram=2, max_ngram=1)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """Random 7-layer model (W = 8) with the real vocabulary and randomized norms (as test_sampler)."""
@@ -58,9 +75,10 @@ def test_greedy_equals_the_target_alone_tiny(tiny, tokenizer_270m, cache_dtype):
     s = Sampler(tiny, tokenizer_270m, max_len=128, prefill_chunk=16, cache_dtype=cache_dtype)
     prompt = np.random.default_rng(3).integers(3, 64, size=12).tolist() * 2
     want = s.generate(prompt, max_new_tokens=48).tokens
-    got, st = speculative.generate(s, prompt, max_new_tokens=48, draft_len=4)
-    assert got == want
-    assert st.drafted > st.accepted > 0 and st.steps < len(got)  # some drafts kept, some rolled back
+    for draft_len in (4, (5, 2, 1), (1, 3, 2)):  # one pass shape, or one per matched n-gram length
+        got, st = speculative.generate(s, prompt, max_new_tokens=48, draft_len=draft_len)
+        assert got == want, draft_len
+        assert st.drafted > st.accepted > 0 and st.steps < len(got)  # some drafts kept, some rolled back
     assert s.generate_speculative(prompt, max_new_tokens=48).tokens == want
 
 
