@@ -71,6 +71,11 @@ def resolve(source: str | os.PathLike) -> tuple[str, str]:
         return "hf", text
     if is_official_dir(text):
         return "official", text
+    from gemma.train.run import RUN_FILE
+
+    if os.path.isfile(os.path.join(text, RUN_FILE)):
+        raise ValueError(f"{text} holds an unfinished training run ({RUN_FILE}, but no model yet: a run writes its "
+                         f"model when it ends); rerun that run's command to finish it")
     raise ValueError(f"{text}: directory holds neither gemma_config.json (orbax, from checkpoints.save), "
                      f"config.json + *.safetensors (HF) nor an orbax checkpoint of the official gemma package "
                      f"(_METADATA / _CHECKPOINT_METADATA)")

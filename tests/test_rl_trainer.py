@@ -24,6 +24,33 @@ WORKER = os.path.join(os.path.dirname(__file__), "rl_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def xla_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's trainers and the processes it starts: a program already
+    compiled (the engine's, the scoring pass, a step of the same settings) is loaded instead of compiled again.
+    Restored afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = str(tmp_path_factory.mktemp("xla"))
+    settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    old = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    yield path
+    for name, value in old.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+def _cache_env(path):
+    """The environment of a subprocess that shares the module's compilation cache."""
+    return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "JAX_COMPILATION_CACHE_DIR": path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def _log_softmax(x):
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -225,8 +252,9 @@ def test_bad_prompts_and_reward(task):
 # ---------------------------------------------------------------- the run directory: SIGKILL and resume
 
 
-def _run(out, *flags, killed=False):
-    r = subprocess.run([sys.executable, WORKER, str(out), *flags], capture_output=True, text=True, timeout=600)
+def _run(out, *flags, cache, killed=False):
+    r = subprocess.run([sys.executable, WORKER, str(out), *flags], capture_output=True, text=True, timeout=600,
+                       env=_cache_env(cache))
     if killed:
         assert r.returncode == -9, r.stderr[-2000:]
     else:
@@ -242,18 +270,18 @@ def _metrics(path):
         return [json.loads(line) for line in f]
 
 
-def test_killed_run_resumes_to_the_bit(tmp_path):
+def test_killed_run_resumes_to_the_bit(tmp_path, xla_cache):
     """Value baseline, rollouts one version behind (the pending batch is in the checkpoint), KL 0.1: killed after
     step 5 (checkpoints at 2, 4, 6, written asynchronously: 2 is complete, 4 may be), rerun, equal to an
     uninterrupted run in every parameter and metric."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    _run(whole)
-    _run(cut, "--kill-at-step", "5", killed=True)
+    _run(whole, cache=xla_cache)
+    _run(cut, "--kill-at-step", "5", killed=True, cache=xla_cache)
     assert not os.path.exists(cut / "gemma_config.json")
     done = sorted(int(d) for d in os.listdir(cut / "checkpoints") if d.isdigit())
     assert done in ([2], [2, 4]), done
     assert max(x["step"] for x in _metrics(cut)) == 5
-    _run(cut)
+    _run(cut, cache=xla_cache)
     for a, b in zip(_params(cut), _params(whole), strict=True):
         np.testing.assert_array_equal(a, b)
     lines, want = _metrics(cut), _metrics(whole)
@@ -271,10 +299,10 @@ def test_killed_run_resumes_to_the_bit(tmp_path):
 # ---------------------------------------------------------------- the command line
 
 
-def _cli(*args, cwd=None):
+def _cli(*args):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "gemma", "rl", *args], capture_output=True, text=True, timeout=600,
-                          cwd=cwd, env=env)
+                          env=env)
 
 
 @pytest.fixture(scope="module")
@@ -342,14 +370,21 @@ def test_cli_with_a_reward_model_directory(cli_files, tmp_path):
     ({"--data": "/nonexistent.jsonl"}, "--data /nonexistent.jsonl: no such file"),
     ({"--reward": None, "--reward-model": "/nonexistent_rm"}, "--reward-model /nonexistent_rm: no such directory"),
 ])
-def test_cli_bad_flags(cli_files, tmp_path, change, message):
+def test_cli_bad_flags(cli_files, tmp_path, monkeypatch, capsys, change, message):
+    """In this process (gemma.__main__.main, as `python -m gemma rl` runs it): exit 2, the message, nothing written
+    and no weights loaded."""
+    from gemma import __main__ as cli
+
     d = cli_files
     flags = {"--model": str(d / "policy"), "--data": str(d / "prompts.jsonl"), "--output": str(tmp_path / "o"),
              "--reward": f"{d / 'rewards.py'}:short", "--steps": "1"}
     flags.update(change)
-    r = _cli(*sum(([k, v] for k, v in flags.items() if v is not None), []))
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert message in r.stderr, r.stderr[-2000:]
+    monkeypatch.setattr(cli, "_enable_compilation_cache", lambda: None)  # keeps the module's cache
+    monkeypatch.setattr(checkpoints, "load", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # --reward MODULE:FUNCTION puts the working directory there
+    assert cli.main(["rl", *sum(([k, v] for k, v in flags.items() if v is not None), [])]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err[-2000:]
     assert not os.path.exists(tmp_path / "o")
 
 
@@ -386,20 +421,34 @@ def test_load_prompts_errors(tmp_path):
 ACCEPT = dict(n=3, digits=10)  # 120 digit sets: 84 for training, 36 held out (never seen in training)
 
 
+@pytest.fixture(scope="module")
+def warm_ups():
+    """seed -> (task, warm-up policy, its validity, its steps), each trained once for the acceptance tests (which take
+    copies: a trainer takes its policy over)."""
+    made = {}
+
+    def get(seed):
+        if seed not in made:
+            task = RT.Task(**ACCEPT, seed=seed)
+            made[seed] = (task, *RT.warm_up(task, seed))
+        return made[seed]
+    return get
+
+
 def _measure_prompts(task, seed, count=128):
     return task.prompts("heldout", count, np.random.default_rng([seed, 9]))  # not the warm-up's stopping set
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_acceptance_dense_verifier_raises_greedy_validity(seed):
+def test_acceptance_dense_verifier_raises_greedy_validity(seed, warm_ups):
     """A warm-up policy solving 20-50% of held-out prompts greedily; 100 RL steps (8 prompts x 8 samples, the
     group baseline, KL 0.05 to the warm-up) on the dense verifier raise held-out greedy validity >= 25 points
     while the samples stay diverse (distinct completions per prompt > 1)."""
     import time
 
-    task = RT.Task(**ACCEPT, seed=seed)
     t0 = time.perf_counter()
-    policy, band_validity, warm_steps = RT.warm_up(task, seed)
+    task, warm, band_validity, warm_steps = warm_ups(seed)
+    policy = RT.B.copy_of(warm)
     measure = _measure_prompts(task, seed)
     before = RT.B.validity(policy, task, measure)
     cfg = T.TrainConfig(steps=100, batch_size=8, seq_len=task.seq_len, learning_rate=3e-3, end_learning_rate=3e-3,
@@ -425,15 +474,14 @@ def test_acceptance_dense_verifier_raises_greedy_validity(seed):
     assert distinct > 1.5
 
 
-def test_acceptance_kl_sweep_and_reward_hacking(tmp_path):
+def test_acceptance_kl_sweep_and_reward_hacking(tmp_path, warm_ups):
     """The hackable proxy (precision: a one-digit answer scores 1) at alpha 0, 0.1 and 1: a larger alpha keeps the
     KL to the warm-up lower at equal steps; the monitor (eval proxy reward up while held-out validity falls) flags
     hacking at alpha 0, where the completions shrink."""
     import time
 
     seed = 0
-    task = RT.Task(**ACCEPT, seed=seed)
-    warm, _, _ = RT.warm_up(task, seed)
+    task, warm, _, _ = warm_ups(seed)
     train = RT.pairs(task.prompts("train", 256, np.random.default_rng([seed, 7])))
     held = RT.pairs(task.prompts("heldout", 64, np.random.default_rng([seed, 9])))
     out = {}
