@@ -82,8 +82,7 @@ def ours(variant: str) -> dict:
         n = NEW * len(prompts)
         # draft cost: the on-device lookup alone, over a history buffer of the longest prompt's loop
         history = jax.numpy.asarray(np.resize(np.asarray(max(prompts, key=len)), 2048 + 5), jax.numpy.int32)
-        spec = (max(speculative.draft_lengths(speculative.DRAFT_LEN, speculative.MAX_NGRAM, speculative.MIN_NGRAM, 512)),
-                speculative.MAX_NGRAM, speculative.MIN_NGRAM)
+        spec = (max(speculative.DRAFT_LEN), speculative.MAX_NGRAM, speculative.MIN_NGRAM)
         speculative._lookup(history, jax.numpy.int32(2048), *spec)[0].block_until_ready()
         t = time.perf_counter()
         for _ in range(100):

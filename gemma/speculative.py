@@ -162,7 +162,7 @@ def _loop(graphdef, state, cache, logits, history, count, key, params, draft_len
             return cache, jnp.int32(0), choose(logits[0], draft[:0], jnp.int32(0), sub, params)[1], jnp.int32(0)
 
         branches = [step] + [functools.partial(verify, length) for length in lengths]
-        cache, n, nxt, m = jax.lax.switch(jnp.where(m > 0, branch_of_n[matched], 0), branches, cache)
+        cache, n, nxt, m = jax.lax.switch(branch_of_n[matched], branches, cache)  # matched 0: no draft
         offsets = jnp.arange(k + 1, dtype=jnp.int32)
         new = jnp.where(offsets < n, jnp.concatenate([draft, draft[:1]]), nxt)  # draft[:n] + [nxt], padded
         stop = (offsets <= n) & jnp.isin(new, stop_ids)
