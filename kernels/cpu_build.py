@@ -1,8 +1,8 @@
 """Builds and registers the CPU kernel libraries (cpu_dense.cc, cpu_decode.cc, cpu_quantized.cc) on first use.
 
 Each library is compiled with the system C++ compiler into a cache directory ($GEMMA_CACHE,
-default ~/.cache/gemma3-jax), named by a hash of its sources, flags and jax version, and its
-FFI handlers are registered with XLA for the CPU platform. `load` is the one entry point the kernel
+default ~/.cache/gemma3-jax), named by a hash of its sources, flags, compiler, jax version and the CPU's
+instruction sets, and its FFI handlers are registered with XLA for the CPU platform. `load` is the one entry point the kernel
 modules use: the CPU check, GEMMA_NO_CPU_KERNELS, the build and the warning when it fails.
 """
 
@@ -35,21 +35,29 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def library_path(source: str, flags: tuple[str, ...], compiler: str) -> str:
+    """Where the build of `source` lives in the cache: named by a hash of its sources, the flags, the
+    compiler, jax's version and this CPU's instruction sets (a library built with -march=native on one CPU
+    may hold instructions another lacks, and a home directory can be shared by machines of several CPUs)."""
+    digest = hashlib.sha256(" ".join(flags).encode() + jax.__version__.encode() + compiler.encode())
+    digest.update(" ".join(sorted(cpu_flags())).encode())
+    for path in (source, *HEADERS):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    cache = os.environ.get("GEMMA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gemma3-jax"))
+    name = os.path.splitext(os.path.basename(source))[0]
+    return os.path.join(cache, f"{name}-{digest.hexdigest()[:16]}.so")
+
+
 def build(source: str, flags: tuple[str, ...], symbols: list[str]) -> None:
     """Compiles `source` with `flags` (cached) and registers `symbols` as XLA FFI targets for the CPU.
     Raises OSError or subprocess.SubprocessError when there is no compiler or the build fails."""
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if compiler is None:
         raise OSError("no C++ compiler (set CXX or install g++)")
-    digest = hashlib.sha256(" ".join(flags).encode() + jax.__version__.encode())
-    for path in (source, *HEADERS):
-        with open(path, "rb") as f:
-            digest.update(f.read())
-    cache = os.environ.get("GEMMA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gemma3-jax"))
-    name = os.path.splitext(os.path.basename(source))[0]
-    lib = os.path.join(cache, f"{name}-{digest.hexdigest()[:16]}.so")
+    lib = library_path(source, flags, compiler)
     if not os.path.exists(lib):
-        os.makedirs(cache, exist_ok=True)
+        os.makedirs(os.path.dirname(lib), exist_ok=True)
         tmp = f"{lib}.{os.getpid()}.tmp"
         subprocess.run([compiler, "-O3", *flags, "-shared", "-fPIC", "-std=c++17", "-w", f"-I{HERE}",
                         f"-I{jax.ffi.include_dir()}", source, "-o", tmp], check=True, capture_output=True, timeout=300)
