@@ -152,4 +152,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from kernels import cpu_build
+
+    cpu_build.prefer_memory_scheduler()  # as the command line does
     main()

@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from kernels import cpu_build
+
+    cpu_build.prefer_memory_scheduler()  # before any backend starts (a no-op when called in a running process)
     args = _parser().parse_args(argv)
     if args.command == "finetune":
         from gemma.train import cli as train_cli

@@ -35,6 +35,29 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+# XLA:CPU's default scheduler optimizes for concurrency: it hoists work that waits on nothing (every layer's
+# widened quantized weights in a prefill) to run beside other work and holds all of it at once. The
+# memory-minimizing one is no slower here and holds one layer's temporaries (benchmarks/RESULTS.md, Quantized).
+# XLA reads the option from XLA_FLAGS only (a jit's compiler_options do not reach it), when a backend starts.
+SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def prefer_memory_scheduler() -> bool:
+    """Adds SCHEDULER_FLAG to XLA_FLAGS for this process (the command line and benchmarks call it first) unless
+    XLA_FLAGS already sets that option. True when it is in effect: False once a backend has started (the flag is
+    then read already) or where XLA_FLAGS chose otherwise."""
+    from jax._src import xla_bridge
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    name = SCHEDULER_FLAG.split("=")[0]
+    if name in flags:
+        return SCHEDULER_FLAG in flags.split()
+    if xla_bridge.backends_are_initialized():
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {SCHEDULER_FLAG}".strip()
+    return True
+
+
 def library_path(source: str, flags: tuple[str, ...], compiler: str) -> str:
     """Where the build of `source` lives in the cache: named by a hash of its sources, the flags, the
     compiler, jax's version and this CPU's instruction sets (a library built with -march=native on one CPU
