@@ -5,6 +5,10 @@ import pathlib
 
 import pytest
 
+from kernels import cpu_build
+
+cpu_build.prefer_memory_scheduler()  # as `python -m gemma` runs, before any backend starts (less memory per worker)
+
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
