@@ -45,6 +45,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from checkpoints.params import check_shapes
 from gemma.config import MULTIMODAL_VOCAB_SIZE, PRESETS, GemmaConfig, preset as named_preset
 from gemma.transformer import Transformer
 from vision.config import SigLIPConfig
@@ -262,21 +263,12 @@ def is_vision_key(key: str) -> bool:
 def check_official(config: GemmaConfig, specs: dict[str, Spec], shapes: dict[str, tuple], source: str,
                    skip_vision: bool) -> None:
     """Raises one ValueError naming every missing, unexpected or mis-shaped official tensor."""
-    missing = [key for key in specs if key not in shapes]
-    unexpected = [key for key in shapes if key not in specs and not key.startswith(UNUSED)
-                  and not (skip_vision and is_vision_key(key))]
-    misshaped = [f"{key}: expected {specs[key].shape}, found {shapes[key]}"
-                 for key in specs if key in shapes and shapes[key] != specs[key].shape]
-    if missing or unexpected or misshaped:
-        lines = [f"official checkpoint {source} does not match the config inferred from it "
+    check_shapes({key: spec.shape for key, spec in specs.items()}, shapes,
+                 f"official checkpoint {source} does not match the config inferred from it "
                  f"({config.num_layers} layers, d_model {config.d_model}, {config.num_heads}/{config.num_kv_heads} "
                  f"heads of {config.head_dim}, MLP {config.hidden_dim}"
-                 f"{', SigLIP depth %d' % config.vision.depth if config.vision else ''}):"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                lines.append(f"  {len(items)} {title} tensor(s): " + "; ".join(shown))
-        raise ValueError("\n".join(lines))
+                 f"{', SigLIP depth %d' % config.vision.depth if config.vision else ''}):",
+                 ignore=lambda key: key.startswith(UNUSED) or (skip_vision and is_vision_key(key)))
 
 
 # ---------------------------------------------------------------------- reading

@@ -113,21 +113,29 @@ def _variable(model: nnx.Module, path: tuple) -> nnx.Variable:
     return functools.reduce(lambda obj, key: obj[key] if isinstance(key, int) else getattr(obj, key), path, model)
 
 
-def check_tensors(config: GemmaConfig, shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, Spec]:
-    """Raises one ValueError naming every missing, unexpected or mis-shaped tensor."""
-    specs = hf_specs(config)
-    missing = [key for key in specs if key not in shapes]
-    unexpected = [key for key in shapes if key not in specs]
-    misshaped = [f"{key}: expected {specs[key].hf_shape}, found {tuple(shapes[key])}"
-                 for key in specs if key in shapes and tuple(shapes[key]) != specs[key].hf_shape]
+def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], header: str,
+                 ignore: Callable[[str], bool] = lambda key: False) -> None:
+    """Raises one ValueError, `header` then every missing, unexpected (not `ignore`d) or mis-shaped tensor of
+    `found` against `expected` (name -> shape), at most 20 of each kind by name."""
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected and not ignore(key)]
+    misshaped = [f"{key}: expected {expected[key]}, found {tuple(found[key])}"
+                 for key in expected if key in found and tuple(found[key]) != tuple(expected[key])]
     if missing or unexpected or misshaped:
-        lines = [f"checkpoint {source} does not match the config "
-                 f"({config.num_layers} layers, d_model {config.d_model}, vocab {config.vocab_size}):"]
+        lines = [header]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if items:
                 shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
                 lines.append(f"  {len(items)} {title} tensor(s): " + "; ".join(shown))
         raise ValueError("\n".join(lines))
+
+
+def check_tensors(config: GemmaConfig, shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, Spec]:
+    """Raises one ValueError naming every missing, unexpected or mis-shaped tensor."""
+    specs = hf_specs(config)
+    check_shapes({key: spec.hf_shape for key, spec in specs.items()}, shapes,
+                 f"checkpoint {source} does not match the config "
+                 f"({config.num_layers} layers, d_model {config.d_model}, vocab {config.vocab_size}):")
     return specs
 
 

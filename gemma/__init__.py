@@ -6,25 +6,35 @@
     logits = model(jnp.asarray([tokenizer.encode("Hello")]))
 """
 
-from gemma import cache, config
-from gemma.chat import ChatSampler
-from gemma.config import GemmaConfig
-from gemma.sampler import Sampler, SamplerOutput
-from gemma.tokenizer import Tokenizer
-from gemma.transformer import Transformer
+import importlib
+
+# Each name loads its module on first use: `from gemma.config import GemmaConfig` imports no jax or flax.
+_HOMES = {"ChatSampler": "gemma.chat", "GemmaConfig": "gemma.config", "Sampler": "gemma.sampler",
+          "SamplerOutput": "gemma.sampler", "Tokenizer": "gemma.tokenizer", "Transformer": "gemma.transformer"}
 
 __all__ = ["ChatSampler", "GemmaConfig", "Sampler", "SamplerOutput", "Tokenizer", "Transformer", "cache", "config",
            "load", "load_tokenizer"]
 
 
-def load(source: str = "gemma3-270m", **kwargs) -> Transformer:
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    try:
+        return importlib.import_module(f"gemma.{name}")  # a submodule: gemma.cache, gemma.speculative, ...
+    except ModuleNotFoundError as e:
+        if e.name != f"gemma.{name}":
+            raise
+        raise AttributeError(f"module 'gemma' has no attribute {name!r}") from None
+
+
+def load(source: str = "gemma3-270m", **kwargs) -> "Transformer":
     """Shortcut for `checkpoints.load` (imported lazily: checkpoints sits above gemma)."""
     import checkpoints
 
     return checkpoints.load(source, **kwargs)
 
 
-def load_tokenizer(source: str = "gemma3-270m") -> Tokenizer:
+def load_tokenizer(source: str = "gemma3-270m") -> "Tokenizer":
     """Shortcut for `checkpoints.load_tokenizer`."""
     import checkpoints
 

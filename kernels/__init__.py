@@ -25,11 +25,9 @@ On a CPU backend the Pallas implementations run in interpret mode.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+import importlib
 
-from kernels import blocks, reference
-
+# Importing kernels imports no jax (gemma.config reads IMPLS): jax and the implementations load on first use.
 IMPLS = ("xla", "pallas_tpu", "pallas_gpu", "splash", "cudnn")
 BAND_ONLY = {"splash": "pallas_tpu", "cudnn": "pallas_gpu"}  # serve the plain causal/window mask; the
 # flash kernel each one hands the rest to
@@ -45,7 +43,10 @@ def resolve(impl: str, platform: str | None = None) -> str:
         if impl not in IMPLS:
             raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS + ('auto',)}")
         return impl
-    platform = platform or jax.default_backend()
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
     return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}.get(platform, "xla")
 
 
@@ -99,6 +100,10 @@ def attention(
     (pallas_tpu / pallas_gpu), as do intervals that turn out at run time not to be the band (packed
     segments, another window): the result is always the intervals' attention.
     """
+    import jax
+
+    from kernels import blocks, reference
+
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects q [B,T,N,H] and k, v [B,S,K,H]; got {q.shape}, {k.shape}, {v.shape}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
@@ -144,3 +149,13 @@ def attention(
         chunk = max(BLOCKED_MIN_CHUNK, blocks.round_up(-(-q.shape[1] // BLOCKED_MAX_CHUNKS), BLOCKED_MIN_CHUNK))
         return banded.blocked(*args, scale=scale, softcap=softcap, window=window, lookahead=lookahead, chunk=chunk)
     return reference.attention(*args, scale=scale, softcap=softcap, k_pos=k_pos)
+
+
+def __getattr__(name: str):
+    """Submodules on first access (`kernels.reference` after `import kernels`), as an eager import gave."""
+    try:
+        return importlib.import_module(f"kernels.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"kernels.{name}":
+            raise
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}") from None

@@ -101,3 +101,23 @@ def test_bad_configs():
         C.GemmaConfig.from_hf({**HUB_4B_TEXT, "vocab_size": 10, "rope_scaling": {"rope_type": "yarn", "factor": 8}})
     with pytest.raises(ValueError, match="lacks"):
         C.GemmaConfig.from_hf({"hidden_size": 4})
+
+
+def test_a_config_is_data():
+    """Importing the config (and building, checking and serialising one) loads no jax, flax, kernels or SigLIP
+    code: a fresh interpreter that does it holds none of those modules afterwards (numpy and PIL may load, for
+    the vision package's preprocessing)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import json, sys\nfrom gemma.config import GemmaConfig\nimport gemma.config as C\n"
+            "c = C.gemma3_1b()\nassert GemmaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('jax', 'jaxlib', 'flax') or m in ('kernels.reference', 'vision.siglip'))))")
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == []
