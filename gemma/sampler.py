@@ -150,6 +150,15 @@ def feed(model: Transformer, cache: Cache, token: jax.Array, stopped: jax.Array)
     return logits[:, 0], cache
 
 
+def _inline_images(prompt, images) -> list | None:
+    """The images of a prompt given as a list mixing text and images, in order (None for text or ids)."""
+    if not (isinstance(prompt, (list, tuple)) and any(not isinstance(p, (str, int, np.integer)) for p in prompt)):
+        return None
+    if images:
+        raise ValueError("give images either inside the prompt list or in images=, not both")
+    return [p for p in prompt if not isinstance(p, str)]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(4,))
 def _extend(graphdef, state, tokens, positions, cache, images=None, fresh=False):
     model = nnx.merge(graphdef, state)
@@ -258,10 +267,9 @@ class Sampler:
         if pan_and_scan:
             return self._prepare_pan_and_scan(prompt, images, add_bos)
         c = self.config
-        if isinstance(prompt, (list, tuple)) and any(not isinstance(p, (str, int, np.integer)) for p in prompt):
-            if images:
-                raise ValueError("give images either inside the prompt list or in images=, not both")
-            images = [p for p in prompt if not isinstance(p, str)]
+        inline = _inline_images(prompt, images)
+        if inline is not None:
+            images = inline
             ids = [self.tokenizer.bos_id] if add_bos else []
             for part in prompt:
                 ids += self.tokenizer.encode(part, add_bos=False) if isinstance(part, str) else [c.boi_token_id]
@@ -271,10 +279,7 @@ class Sampler:
         markers = ids.count(c.boi_token_id)
         if not images and not markers:
             return ids, None
-        if c.vision is None:
-            raise ValueError("this model has no vision tower: it cannot take images")
-        if markers != len(images):
-            raise ValueError(f"the prompt has {markers} <start_of_image> marker(s) but {len(images)} image(s) were given")
+        self._check_images(markers, images)
         from vision import preprocess
 
         newline = self.tokenizer.encode("\n\n", add_bos=False)
@@ -289,10 +294,9 @@ class Sampler:
         """`prepare` with Pan & Scan: pieces of text and id runs, adjacent text merged, then encoded."""
         c, tok = self.config, self.tokenizer
         slot = object()  # where an image goes
-        if isinstance(prompt, (list, tuple)) and any(not isinstance(p, (str, int, np.integer)) for p in prompt):
-            if images:
-                raise ValueError("give images either inside the prompt list or in images=, not both")
-            images = [p for p in prompt if not isinstance(p, str)]
+        inline = _inline_images(prompt, images)
+        if inline is not None:
+            images = inline
             pieces = [p if isinstance(p, str) else slot for p in prompt]
         elif isinstance(prompt, str):
             marker = tok.decode([c.boi_token_id])  # "<start_of_image>"
@@ -312,10 +316,7 @@ class Sampler:
         slots = sum(p is slot for p in pieces)
         if not images and not slots:
             return self.prepare(prompt, None, add_bos)
-        if c.vision is None:
-            raise ValueError("this model has no vision tower: it cannot take images")
-        if slots != len(images):
-            raise ValueError(f"the prompt has {slots} <start_of_image> marker(s) but {len(images)} image(s) were given")
+        self._check_images(slots, images)
         from vision import pan_and_scan, preprocess
 
         block = [c.boi_token_id] + [c.image_token_id] * c.vision.tokens_per_image + [c.eoi_token_id]
@@ -342,6 +343,12 @@ class Sampler:
             ids += tok.encode(text, add_bos=False) if text else []
             ids, text = ids + list(piece), ""
         return self.encode_prompt(ids), np.stack(pixels)  # (checks the ids against the vocabulary)
+
+    def _check_images(self, markers: int, images: list) -> None:
+        if self.config.vision is None:
+            raise ValueError("this model has no vision tower: it cannot take images")
+        if markers != len(images):
+            raise ValueError(f"the prompt has {markers} <start_of_image> marker(s) but {len(images)} image(s) were given")
 
     def encode_prompt(self, prompt: str | Sequence[int], add_bos: bool = True) -> list[int]:
         """Token ids of a text prompt (with <bos>) or a list of ids, checked against the model's vocabulary."""
