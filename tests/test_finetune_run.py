@@ -80,8 +80,29 @@ def test_rerun_of_a_finished_run_and_refusals(tmp_path, uninterrupted):
                              identity["data"], True, "truncate")
     with pytest.raises(ValueError, match="model: 'tiny' there, 'other-model' now"):
         run.check_output(str(path), other)
+    qlora = run.run_identity(cfg.__class__(**{**cfg.__dict__, "lora_rank": None}), "tiny", identity["data"], True,
+                             "truncate", "int4")  # the same run over a quantized base (QLoRA) is another run
+    with pytest.raises(ValueError, match="quantize: None there, 'int4' now"):
+        run.check_output(str(path), qlora)
     assert sorted(os.listdir(path)) == before
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty and holds no fine-tuning run"):
         run.check_output(str(tmp_path), ident)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_names_the_quantization_of_its_base():
+    """run.json's quantize is read off the model when the caller does not name it: int4 where 4-bit matrices are
+    held (the head stays 8-bit), int8 where only 8-bit ones are, None for a float model."""
+    from checkpoints.quantize import quantize_model
+    from gemma import config as C
+    from gemma.train import run
+    from gemma.transformer import Transformer
+
+    def tiny():
+        return Transformer(C.tiny(), rngs=nnx.Rngs(0))
+
+    assert run.quantization_of(tiny()) is None
+    assert run.quantization_of(quantize_model(tiny(), "int8")) == "int8"
+    assert run.quantization_of(quantize_model(tiny(), "int4")) == "int4"
+

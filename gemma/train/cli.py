@@ -117,7 +117,7 @@ def main(args) -> int:
                 return fail(f"{flag} {path}: no such file")
         checkpoints.resolve(args.model)
         source = args.model if not os.path.exists(args.model) else os.path.abspath(args.model)
-        identity = run.run_identity(config, source, args.data, args.packing, args.long)
+        identity = run.run_identity(config, source, args.data, args.packing, args.long, args.quantize)
         run.check_output(os.path.abspath(args.output), identity)
         tokenizer = checkpoints.load_tokenizer(args.model)
         from gemma.train import data
@@ -132,7 +132,7 @@ def main(args) -> int:
     result = run.finetune(model, tokenizer, args.data, args.output, config=config, eval_path=args.eval_data,
                           packing=args.packing, long=args.long, save_every=args.save_every,
                           eval_every=args.eval_every, keep=args.keep, mesh=mesh, model_source=source,
-                          epochs=epochs, log=lambda line: print(line, file=sys.stderr))
+                          epochs=epochs, log=lambda line: print(line, file=sys.stderr), quantize=args.quantize)
     if jax.process_index() == 0:
         evals = f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else ""
         print(f"step {result['step']}: loss {result['loss']:.4f}{evals}; the fine-tuned model is in "

@@ -33,10 +33,22 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 # run.json fields that must match for a rerun to continue a run (steps and cadences may change)
 IDENTITY = ("model", "data", "lora", "compute_dtype", "seq_len", "batch_size", "grad_accum", "packing", "long",
-            "seed", "learning_rate", "warmup_steps", "weight_decay")
+            "seed", "learning_rate", "warmup_steps", "weight_decay", "quantize")
 
 
-def run_identity(config: TrainConfig, model_source: str, data_path: str, packing: bool, long: str) -> dict:
+def quantization_of(model) -> str | None:
+    """"int4" when the model holds 4-bit matrices (QLoRA over a GGUF keeps 8-bit ones beside them), "int8" when
+    it holds only 8-bit ones, None for a float model: the `--quantize` a run was started with."""
+    from flax import nnx
+
+    from kernels.quantized import QuantizedEinsum
+
+    bits = {m.bits for _, m in nnx.iter_graph(model) if isinstance(m, QuantizedEinsum)}
+    return "int4" if 4 in bits else "int8" if bits else None
+
+
+def run_identity(config: TrainConfig, model_source: str, data_path: str, packing: bool, long: str,
+                 quantize: str | None = None) -> dict:
     lora = None if not config.lora else {"rank": config.lora_rank, "alpha": float(config.lora_alpha or
                                                                                config.lora_rank),
                                         "targets": list(config.lora_targets)}
@@ -44,7 +56,7 @@ def run_identity(config: TrainConfig, model_source: str, data_path: str, packing
             "compute_dtype": config.compute_dtype, "seq_len": config.seq_len, "batch_size": config.batch_size,
             "grad_accum": config.grad_accum, "packing": bool(packing), "long": long, "seed": config.seed,
             "learning_rate": config.learning_rate, "warmup_steps": config.warmup_steps,
-            "weight_decay": config.weight_decay}
+            "weight_decay": config.weight_decay, "quantize": quantize}
 
 
 def check_run_args(save_every: int | None, eval_every: int | None, keep: int | None = None) -> None:
@@ -138,7 +150,8 @@ def evaluate(trainer: Trainer, examples, packing: bool) -> float:
 def finetune(model, tokenizer, data_path: str, output: str, *, config: TrainConfig, eval_path: str | None = None,
              packing: bool = True, long: str = "truncate", save_every: int | None = None,
              eval_every: int | None = None, keep: int = 3, mesh=None, model_source: str = "",
-             epochs: float | None = None, progress: bool = True, log=None) -> dict[str, Any]:
+             epochs: float | None = None, progress: bool = True, log=None,
+             quantize: str | None = None) -> dict[str, Any]:
     """Runs (or resumes) a fine-tuning run in directory `output`; returns {"step", "loss", "eval_loss", "path"}.
 
     `model` (a gemma.Transformer, float32) is taken over. `config.steps` optimizer steps of
@@ -146,11 +159,14 @@ def finetune(model, tokenizer, data_path: str, output: str, *, config: TrainConf
     take). `log(str)` receives the data counts. With `eval_path`, the eval loss is measured at step 0, every
     `eval_every` steps and at the end. At the end the merged model and tokenizer are written to
     `output` itself (checkpoints.save), so `checkpoints.load(output)` gives the fine-tuned model; under
-    LoRA the adapters also go to `output`/adapter in PEFT's layout.
+    LoRA the adapters also go to `output`/adapter in PEFT's layout. `quantize` names the base's quantization in
+    run.json (the command line's --quantize; default: read off the model, quantization_of), so that a rerun over
+    another base is refused.
     """
     check_run_args(save_every, eval_every, keep)
     output = os.path.abspath(output)
-    identity = run_identity(config, model_source, data_path, packing, long)
+    identity = run_identity(config, model_source, data_path, packing, long,
+                            quantize if quantize is not None else quantization_of(model))
     check_output(output, identity)
     examples, counts = data_lib.load_examples(data_path, tokenizer, config.seq_len, long)
     eval_examples = data_lib.load_examples(eval_path, tokenizer, config.seq_len, long)[0] if eval_path else None
