@@ -348,7 +348,8 @@ class Sampler:
         if self.config.vision is None:
             raise ValueError("this model has no vision tower: it cannot take images")
         if markers != len(images):
-            raise ValueError(f"the prompt has {markers} <start_of_image> marker(s) but {len(images)} image(s) were given")
+            raise ValueError(f"the prompt has {markers} <start_of_image> marker(s) but {len(images)} image(s) "
+                             f"were given")
 
     def encode_prompt(self, prompt: str | Sequence[int], add_bos: bool = True) -> list[int]:
         """Token ids of a text prompt (with <bos>) or a list of ids, checked against the model's vocabulary."""

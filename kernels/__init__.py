@@ -43,7 +43,7 @@ def resolve(impl: str, platform: str | None = None) -> str:
         if impl not in IMPLS:
             raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS + ('auto',)}")
         return impl
-    if platform is None:
+    if not platform:
         import jax
 
         platform = jax.default_backend()

@@ -2,8 +2,9 @@
 
 Each library is compiled with the system C++ compiler into a cache directory ($GEMMA_CACHE,
 default ~/.cache/gemma3-jax), named by a hash of its sources, flags, compiler, jax version and the CPU's
-instruction sets, and its FFI handlers are registered with XLA for the CPU platform. `load` is the one entry point the kernel
-modules use: the CPU check, GEMMA_NO_CPU_KERNELS, the build and the warning when it fails.
+instruction sets, and its FFI handlers are registered with XLA for the CPU platform. `load` is the one
+entry point the kernel modules use: the CPU check, GEMMA_NO_CPU_KERNELS, the build and the warning when
+it fails.
 """
 
 from __future__ import annotations

@@ -105,4 +105,3 @@ def test_a_run_names_the_quantization_of_its_base():
     assert run.quantization_of(tiny()) is None
     assert run.quantization_of(quantize_model(tiny(), "int8")) == "int8"
     assert run.quantization_of(quantize_model(tiny(), "int4")) == "int4"
-
