@@ -100,6 +100,9 @@ def matmul(x: jax.Array, w, isa: str | None = None) -> jax.Array:
         raise ValueError(f"quantized scales must be float16 or float32, got {w.scale.dtype}")
     if isa in QUANTIZES_X and not vnni_serves(w.shape[1], w.group):
         isa = "avx512"  # the same CPU's build that widens the weights instead
+        if not available(isa):
+            raise RuntimeError(f"the avx512 CPU quantized kernels, which serve {w.shape} weights in groups of "
+                               f"{w.group} for the VNNI build, are not available on this machine")
     out = jax.ShapeDtypeStruct((x.shape[0], w.data.shape[0]), jnp.float32)
     args = (w.data, w.scale) if w.bits == 8 else (w.data, w.scale, w.minimum)
     return jax.ffi.ffi_call(f"gemma_q{w.bits}_{scale}_{isa}", out)(x.astype(jnp.float32), *args)

@@ -1,5 +1,9 @@
 """Quantized weights: formats, exact GGUF conversions, the CPU kernels against NumPy, models, bad input."""
 
+import os
+import subprocess
+import sys
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -19,6 +23,8 @@ from gemma.transformer import Transformer
 from kernels import cpu_quantized, quantized
 from kernels.dense import Einsum, dense, einsum_axes
 from kernels.quantized import QArray, QuantizedEinsum
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # byte offsets of each type's float16 fields (kept finite in random blocks)
 F16_AT = {T.Q8_0: (0,), T.Q5_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q4_K: (0, 2), T.Q6_K: (208,),
@@ -128,6 +134,26 @@ def test_kernel_equals_numpy(isa, bits, sbits, group, m, k, r):
     got = np.asarray(jax.jit(lambda x, w: cpu_quantized.matmul(x, w, isa))(x, jax.tree.map(jnp.asarray, w)))
     want = reference(as_the_kernel_reads(x, w, isa), w)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.skipif("avx512vnni" not in cpu_quantized.supported(), reason="needs a CPU with AVX-512 VNNI")
+def test_vnni_build_alone_serves_shapes_it_hands_to_the_widening_build():
+    """In a fresh process whose first quantized product is the VNNI build's on a shape it hands on (k = 96, not
+    whole chunks of 64): the widening build it hands to is registered too, whatever ran before."""
+    script = ("import jax, numpy as np\n"
+              "from kernels import cpu_quantized\n"
+              "from kernels.quantized import QArray\n"
+              "rng = np.random.default_rng(0)\n"
+              "w = QArray(jax.numpy.asarray(rng.integers(-128, 128, (7, 96), dtype=np.int8)),\n"
+              "           jax.numpy.asarray(rng.uniform(0.001, 0.02, (7, 6)).astype(np.float32)), None, 8, 16)\n"
+              "x = rng.standard_normal((2, 96)).astype(np.float32)\n"
+              "got = np.asarray(jax.jit(lambda x, w: cpu_quantized.matmul(x, w, 'avx512vnni'))(x, w))\n"
+              "want = x @ (np.asarray(w.data, np.float32) * np.repeat(np.asarray(w.scale), 16, 1)).T\n"
+              "np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())\n")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("GEMMA_CPU_ISA", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.skipif(not cpu_quantized.supported(), reason="needs an x86 CPU with AVX2")
