@@ -63,7 +63,7 @@ def decode_tok_s(sampler: Sampler, batch: int, steps: int = NEW_TOKENS) -> float
         logits, cache = sampler.prefill(rows, cache)
         jax.block_until_ready(logits)
         t = time.perf_counter()
-        out, _ = _decode_loop(sampler._graphdef, sampler._state, cache, logits, jax.random.key(0),
+        out, _ = _decode_loop(sampler._model_key, sampler._leaves, cache, logits, jax.random.key(0),
                               jnp.asarray([-1], jnp.int32), SamplingParams(), _bucket(steps, 1 << 30),
                               jnp.int32(steps), jnp.zeros((batch,), bool))
         jax.block_until_ready(out)

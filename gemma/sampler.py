@@ -24,7 +24,7 @@ from flax import nnx
 from gemma.cache import Cache, init_cache
 from gemma.config import VOCAB_SIZE
 from gemma.tokenizer import Tokenizer
-from gemma.transformer import Transformer
+from gemma.transformer import ModelKey, Transformer
 
 _MIN_BUCKET = 16
 
@@ -160,17 +160,26 @@ def _inline_images(prompt, images) -> list | None:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(4,))
-def _extend(graphdef, state, tokens, positions, cache, images=None, fresh=False):
-    model = nnx.merge(graphdef, state)
+def _extend(model_key, leaves, tokens, positions, cache, images=None, fresh=False):
+    model = model_key.merge(leaves)
     logits, cache = model.extend(tokens, positions, cache, last_only=True, images=images, fresh=fresh)
     return logits[:, 0], cache
 
 
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
+def _feed_and_sample(model_key, leaves, cache, token, key, stop_ids, params):
+    """One streamed decode step: feeds `token` [1] (nothing where it is a stop id) and samples the next
+    from the logits it gives, as _decode_loop's body does. Returns (next token [1], cache, key)."""
+    logits, cache = feed(model_key.merge(leaves), cache, token, jnp.isin(token, stop_ids))
+    key, sub = jax.random.split(key)
+    return sample_logits(logits, sub, params), cache, key
+
+
 @functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(2,))
-def _decode_loop(graphdef, state, cache, logits, key, stop_ids, params, steps, max_new, done):
+def _decode_loop(model_key, leaves, cache, logits, key, stop_ids, params, steps, max_new, done):
     """Samples up to `max_new` (<= `steps`, the compiled bucket) tokens per row; a row
     stops at any id in `stop_ids`. Returns ids [B, steps] (-1 after a row stopped) and the cache."""
-    model = nnx.merge(graphdef, state)
+    model = model_key.merge(leaves)
     out = jnp.full((logits.shape[0], steps), -1, jnp.int32)
 
     def cond(carry):
@@ -245,7 +254,13 @@ class Sampler:
         self.prefill_chunk = int(prefill_chunk)
         self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
         self.stop_ids = (tokenizer.eos_id, tokenizer.end_of_turn_id)
-        self._graphdef, self._state = nnx.split(model)
+        self._graphdef, state = nnx.split(model)
+        self._model_key = ModelKey(self._graphdef, jax.tree.structure(state))
+        self._use_state(state)
+
+    def _use_state(self, state) -> None:
+        """Decodes with `state` (the split model's, same tree structure) from now on."""
+        self._state, self._leaves = state, jax.tree.leaves(state)
 
     # ------------------------------------------------------------------ pieces
     def prepare(self, prompt, images=None, add_bos: bool = True,
@@ -398,7 +413,7 @@ class Sampler:
         chunk = width if images is not None else min(width, self.prefill_chunk)
         for c in range(0, width, chunk):
             sl = slice(c, c + chunk)
-            logits, cache = _extend(self._graphdef, self._state, jnp.asarray(tokens[:, sl]),
+            logits, cache = _extend(self._model_key, self._leaves, jnp.asarray(tokens[:, sl]),
                                     jnp.asarray(positions[:, sl]), cache,
                                     None if images is None else jnp.asarray(images), c == 0 and fresh)
             yield logits, cache
@@ -453,7 +468,7 @@ class Sampler:
         cache_len = min(self.max_len, _bucket(max(map(len, rows)), self.prefill_chunk) + steps)
         cache = self.new_cache(len(rows), cache_len)
         logits, cache = self.prefill(rows, cache, pixels)
-        out, _ = _decode_loop(self._graphdef, self._state, cache, logits, jax.random.key(seed),
+        out, _ = _decode_loop(self._model_key, self._leaves, cache, logits, jax.random.key(seed),
                               jnp.asarray(self.stop_ids, jnp.int32), params, steps, jnp.int32(max_new_tokens),
                               jnp.zeros((len(rows),), bool))
         results = []
@@ -495,33 +510,40 @@ class Sampler:
                     seed: int, stop: Sequence[str] | None, on_done=None) -> Iterator[str]:
         """Decodes one row token by token from prefilled `logits` / `cache`.
 
-        Each token's piece is yielded before the decode step that feeds it to the
-        cache, so the first piece needs only the prefill (in a fresh process the
-        decode program takes ~1 s to trace and load). Every generated id except a
+        The first piece needs only the prefill (in a fresh process the decode
+        program takes ~1 s to trace and load). Each later id is fed, and the next
+        sampled, by one program dispatched before the id is read, so the host's
+        reading and showing overlap the device's step. Every generated id except a
         stop id is fed, also the one whose piece was last yielded when the caller
         closes the stream there; `on_done(fed_ids, cache)` receives them at the
         end, however the stream ends (exhausted, closed, or an exception such as
         KeyboardInterrupt: after one inside a decode step `cache` may be the
         donated, deleted one). A stop string may cut the text before the last fed id.
         """
-        key = jax.random.key(seed)
+        key, sub = jax.random.split(jax.random.key(seed))
+        token = _sample(logits, sub, params)  # [1] on the device
+        stop_ids = jnp.asarray(self.stop_ids, jnp.int32)
         text = IncrementalText(self.tokenizer, stop)
         fed: list[int] = []
         try:
-            for _ in range(max_new_tokens):
-                key, sub = jax.random.split(key)
-                token = int(_sample(logits, sub, params)[0])
-                if token in self.stop_ids:
+            for i in range(max_new_tokens):
+                if i:  # fed (unless a stop id) and the next sampled while this one is read and shown
+                    following, cache, key = _feed_and_sample(self._model_key, self._leaves, cache, token, key,
+                                                             stop_ids, params)
+                t = int(token[0])
+                if t in self.stop_ids:
                     break
-                piece, closed = text.push(token), False
+                piece, closed = text.push(t), False
                 if piece:
                     try:
                         yield piece
-                    except GeneratorExit:  # the caller stopped: feed this token, then end without yielding
+                    except GeneratorExit:  # the caller stopped: this token is fed, then the stream ends
                         closed = True
-                logits, cache = _extend(self._graphdef, self._state, jnp.asarray([[token]], jnp.int32),
-                                        cache.length[:, None], cache)
-                fed.append(token)
+                if not i:  # the first piece waits for no decode program
+                    following, cache, key = _feed_and_sample(self._model_key, self._leaves, cache, token, key,
+                                                             stop_ids, params)
+                fed.append(t)
+                token = following
                 if closed:
                     return
                 if text.stopped:

@@ -23,7 +23,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from gemma.cache import ring_snapshot, rollback
 from gemma.config import VOCAB_SIZE
@@ -119,13 +118,13 @@ class SpeculativeStats:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
-def _loop(graphdef, state, cache, logits, history, count, key, params, draft_lens, max_ngram, min_ngram, stop_ids,
+def _loop(model_key, leaves, cache, logits, history, count, key, params, draft_lens, max_ngram, min_ngram, stop_ids,
           max_new):
     """Draft-verify passes until a stop id or `max_new` tokens: returns (history with the generated tokens
     after the prompt's `count`, the number generated (a final stop id included), [steps, drafted, accepted]).
     draft_lens[i]: tokens drafted after a recurring n-gram of n = max_ngram - i; each distinct length is a
     pass of its own row count (one branch each)."""
-    model = nnx.merge(graphdef, state)
+    model = model_key.merge(leaves)
     k = max(draft_lens)
     lengths = sorted(set(draft_lens))
     branch_of_n = jnp.asarray([0] * min_ngram + [1 + lengths.index(draft_lens[max_ngram - n])
@@ -207,7 +206,7 @@ def generate(sampler, prompt: str | Sequence[int], max_new_tokens: int = 64, tem
     logits, cache = sampler.prefill([row], cache)
     history = np.zeros(room + k + 1, np.int32)  # the prompt, then what is generated
     history[:len(row)] = row
-    history, n, stats = _loop(sampler._graphdef, sampler._state, cache, logits, jnp.asarray(history),
+    history, n, stats = _loop(sampler._model_key, sampler._leaves, cache, logits, jnp.asarray(history),
                               jnp.int32(len(row)), jax.random.key(seed), params, lens, max_ngram, min_ngram,
                               jnp.asarray(sampler.stop_ids, jnp.int32), jnp.int32(max_new_tokens))
     out = np.asarray(history)[len(row):len(row) + int(n)].tolist()

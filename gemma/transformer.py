@@ -302,6 +302,26 @@ class Transformer(nnx.Module):
         return _jit_forward(graphdef, state, tokens, positions, input_mask, images, last_only, return_hidden)
 
 
+class ModelKey:
+    """The static half of a split model (its GraphDef and the state's tree structure) as a jit static argument
+    hashed once: hashing a real model's GraphDef takes milliseconds, paid on every call of a function that takes
+    the GraphDef itself. Jitted decode steps take this key and the state's leaves (a flat list)."""
+
+    def __init__(self, graphdef, treedef):
+        self.graphdef, self.treedef = graphdef, treedef
+        self._hash = hash((graphdef, treedef))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, ModelKey) and self._hash == other._hash
+                                 and self.graphdef == other.graphdef and self.treedef == other.treedef)
+
+    def merge(self, leaves) -> Transformer:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 6, 7))
 def _jit_forward(graphdef, state, tokens, positions, input_mask, images, last_only, return_hidden):
     # jax.jit over the split state (not nnx.jit over the module): no second copy of the parameters

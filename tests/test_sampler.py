@@ -121,7 +121,7 @@ def sampler_generate_ids(sampler, rows, n):
 
     cache = sampler.new_cache(len(rows), 64)
     logits, cache = sampler.prefill(rows, cache)
-    out, _ = _decode_loop(sampler._graphdef, sampler._state, cache, logits, jax.random.key(0),
+    out, _ = _decode_loop(sampler._model_key, sampler._leaves, cache, logits, jax.random.key(0),
                           jnp.asarray([-5], jnp.int32), SamplingParams(), _bucket(n, 1 << 30), jnp.int32(n),
                           jnp.zeros((len(rows),), bool))
     return [r[:n] for r in np.asarray(out).tolist()]
@@ -155,6 +155,8 @@ def test_seed_reproducible(sampler):
 def test_stream_equals_generate(sampler):
     out = sampler.generate("Hello there", max_new_tokens=10)
     assert "".join(sampler.stream("Hello there", max_new_tokens=10)) == out.text
+    sampled = sampler.generate("Hello there", max_new_tokens=10, temperature=1.0, seed=5)
+    assert "".join(sampler.stream("Hello there", max_new_tokens=10, temperature=1.0, seed=5)) == sampled.text
 
 
 def test_stop_strings(sampler):
@@ -240,25 +242,38 @@ def test_chat_reply_stopped_early_keeps_the_dialog(tiny, tokenizer_270m):
     kept_equals_fresh(chat)
 
 
+def test_chat_reply_closed_mid_stream_feeds_what_was_shown(tiny, tokenizer_270m):
+    """Closed after some pieces (each later id is fed by a step dispatched before its piece is shown): the
+    dialog and the cache hold the shown ids, nothing sampled after them."""
+    chat = ChatSampler(tiny, tokenizer_270m, max_len=128)
+    replies = chat.stream("Hello", max_new_tokens=16, temperature=1.0, seed=2)
+    shown = "".join(next(replies) for _ in range(4))
+    replies.close()
+    assert chat.history[-1] == {"role": "model", "text": shown}
+    assert chat.tokenizer.decode(chat._turns[0].reply) == shown and len(chat._turns[0].reply) < 16
+    assert chat.cache is not None and int(chat.cache.length[0]) == len(chat.tokens)
+    kept_equals_fresh(chat)
+
+
 def test_chat_recovers_a_cache_lost_mid_reply(tiny, tokenizer_270m, monkeypatch):
     """An interrupt inside a decode step (the input cache donated, the output never assigned) loses the
     cache; the dialog keeps the ids fed so far and the next turn prefills all of it again."""
     import gemma.sampler as sampler_module
 
     chat = ChatSampler(tiny, tokenizer_270m, max_len=128)
-    real, calls = sampler_module._extend, []
+    real, calls = sampler_module._feed_and_sample, []
 
     def interrupted(*args):
         out = real(*args)
         calls.append(1)
-        if len(calls) == 3:  # prefill, one decode step, then the interrupt during the second
+        if len(calls) == 2:  # one decode step, then the interrupt during the second
             raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(sampler_module, "_extend", interrupted)
+    monkeypatch.setattr(sampler_module, "_feed_and_sample", interrupted)
     with pytest.raises(KeyboardInterrupt):
         chat.send("Hello", max_new_tokens=8)
-    monkeypatch.setattr(sampler_module, "_extend", real)
+    monkeypatch.setattr(sampler_module, "_feed_and_sample", real)
     assert chat.cache is None and len(chat._turns[0].reply) == 1
     assert chat.tokens == chat._turns[0].ids + chat._turns[0].reply
     chat.send("Again", max_new_tokens=3)

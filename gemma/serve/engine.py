@@ -41,7 +41,7 @@ from gemma.sampler import (IncrementalText, Sampler, SamplingParams, _bucket, ch
                            ids_before, sample_rows)
 from gemma.serve.metrics import Metrics
 from gemma.tokenizer import Tokenizer
-from gemma.transformer import Transformer
+from gemma.transformer import ModelKey, Transformer
 import kernels
 from kernels import cpu_decode
 
@@ -236,10 +236,9 @@ class Engine:
         self.weights_version = int(weights_version)
         self.metrics = Metrics()
         self._state = self.sampler._state
-        # the decode step takes the weights as a flat list under a static key hashed by identity: flattening the
+        # the decode step takes the weights as a flat list under a static key hashed once: flattening the
         # nnx.State and hashing the GraphDef on every call cost ~3 ms of a ~25 ms one-row step (loaded machine)
-        self._model = _ModelKey(self.sampler._graphdef, jax.tree.structure(self._state))
-        self._leaves = jax.tree.leaves(self._state)
+        self._model, self._leaves = self.sampler._model_key, self.sampler._leaves
         s = self.max_batch
         self._cache = self.sampler.new_cache(s, max_len)
         self._logits = jnp.zeros((s, self.config.vocab_size), jnp.float32)
@@ -411,8 +410,8 @@ class Engine:
             return
         state, version = self._pending_weights
         self._pending_weights = None
-        self._state, self._leaves = state, jax.tree.leaves(state)
-        self.sampler._state = state
+        self.sampler._use_state(state)
+        self._state, self._leaves = state, self.sampler._leaves
         with self._weights_applied:
             self.weights_version = version
             self._weights_applied.notify_all()
@@ -621,19 +620,8 @@ def _install(cache: Cache, logits: jax.Array, rows: Cache, rows_logits: jax.Arra
     return jax.tree.map(put, cache, rows), put(logits, rows_logits)
 
 
-class _ModelKey:
-    """The static part of the served model (GraphDef and the state's tree structure), equal only to itself: a jit
-    static argument that hashes in O(1) (the same engine's weight updates keep it, so nothing recompiles)."""
-
-    def __init__(self, graphdef, treedef):
-        self.graphdef, self.treedef = graphdef, treedef
-
-    def merge(self, leaves) -> Transformer:
-        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
-
-
 @functools.partial(jax.jit, static_argnums=(0, 11), donate_argnums=(2, 3))
-def _decode_step(served: _ModelKey, leaves, cache, logits, keys, counts, temperature, top_k, top_p, active, want_top,
+def _decode_step(served: ModelKey, leaves, cache, logits, keys, counts, temperature, top_k, top_p, active, want_top,
                  rows):
     """Samples each active row's next token from its logits with its own parameters and key
     (fold_in(key, tokens drawn so far)), feeds it, and returns (token, its logprob, top logprobs
