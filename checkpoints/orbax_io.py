@@ -12,7 +12,6 @@ import json
 import os
 
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from gemma.config import GemmaConfig
@@ -44,6 +43,8 @@ def save(model, path: str | os.PathLike, tokenizer: Tokenizer | None = None) -> 
                         f"{type(model).__name__}")
     path = os.path.abspath(os.fspath(path))
     os.makedirs(path, exist_ok=True)
+    import orbax.checkpoint as ocp  # here, not at import: inference never loads orbax and tensorstore
+
     _, state = nnx.split(model)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(path, "params"), state, force=True)
@@ -97,6 +98,8 @@ def _restore(path: str, meta: dict, dtype, build):
     dtype = jnp.dtype(meta["dtype"] if dtype is None else dtype)
     abstract = nnx.eval_shape(lambda: build(config, dtype))
     graphdef, abstract_state = nnx.split(abstract)
+    import orbax.checkpoint as ocp
+
     try:
         state = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), abstract_state)
     except Exception as e:  # orbax raises various types for a damaged or mismatched tree
