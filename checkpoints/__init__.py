@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax.numpy as jnp
@@ -141,11 +142,38 @@ def load_tokenizer(source: str | os.PathLike = DEFAULT_MODEL) -> Tokenizer:
     """The `gemma.Tokenizer` of `source`: built from a GGUF's vocabulary, or the directory's tokenizer.model."""
     kind, path = resolve(source)
     if kind == "gguf":
-        from checkpoints.from_gguf import tokenizer_vocab
-
-        return Tokenizer.from_gguf_vocab(*tokenizer_vocab(path))
+        return _gguf_tokenizer(path)
     model_file = os.path.join(path, "tokenizer.model")
     if not os.path.isfile(model_file):
         raise FileNotFoundError(f"{path} has no tokenizer.model (SentencePiece); save one with "
                                 f"checkpoints.save(model, path, tokenizer=...) or copy it there")
     return Tokenizer.from_file(model_file)
+
+
+def _gguf_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer of a GGUF's vocabulary, kept as a SentencePiece model in the cache directory, named by the
+    file's path, size and modification time and by the conversion's code: building it from 262,144 pieces takes
+    ~0.7 s and leaves ~60 MB of freed Python objects resident; reading it back ~0.14 s. A cache that cannot be
+    read or written is rebuilt or skipped."""
+    import gemma.tokenizer
+    from checkpoints.from_gguf import tokenizer_vocab
+    from kernels.cpu_build import cache_dir
+
+    st = os.stat(path)
+    digest = hashlib.sha256(f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    with open(gemma.tokenizer.__file__, "rb") as f:
+        digest.update(f.read())
+    cached = os.path.join(cache_dir(), "tokenizers", f"{digest.hexdigest()[:16]}.model")
+    try:
+        return Tokenizer.from_file(cached)
+    except (OSError, RuntimeError):  # not there yet, or damaged (SentencePiece cannot parse it)
+        pass
+    tokenizer = Tokenizer.from_gguf_vocab(*tokenizer_vocab(path))
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        partial = f"{cached}.{os.getpid()}.partial"
+        tokenizer.save(partial)
+        os.replace(partial, cached)
+    except OSError:
+        pass
+    return tokenizer

@@ -146,10 +146,11 @@ def _enable_compilation_cache() -> None:
     which are most of the sampler's on CPU."""
     import jax
 
+    from kernels.cpu_build import cache_dir
+
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
-    base = os.environ.get("GEMMA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gemma3-jax"))
-    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "xla"))
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

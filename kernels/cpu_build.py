@@ -59,6 +59,12 @@ def prefer_memory_scheduler() -> bool:
     return True
 
 
+def cache_dir() -> str:
+    """The project's cache directory: $GEMMA_CACHE, default ~/.cache/gemma3-jax (kernel builds, compiled XLA
+    programs, tokenizers built from GGUF vocabularies)."""
+    return os.environ.get("GEMMA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gemma3-jax"))
+
+
 def library_path(source: str, flags: tuple[str, ...], compiler: str) -> str:
     """Where the build of `source` lives in the cache: named by a hash of its sources, the flags, the
     compiler, jax's version and this CPU's instruction sets (a library built with -march=native on one CPU
@@ -68,9 +74,8 @@ def library_path(source: str, flags: tuple[str, ...], compiler: str) -> str:
     for path in (source, *HEADERS):
         with open(path, "rb") as f:
             digest.update(f.read())
-    cache = os.environ.get("GEMMA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gemma3-jax"))
     name = os.path.splitext(os.path.basename(source))[0]
-    return os.path.join(cache, f"{name}-{digest.hexdigest()[:16]}.so")
+    return os.path.join(cache_dir(), f"{name}-{digest.hexdigest()[:16]}.so")
 
 
 def build(source: str, flags: tuple[str, ...], symbols: list[str]) -> None:

@@ -115,3 +115,27 @@ def test_bad_inputs(tok):
         Tokenizer("tokenizer.model")
     with pytest.raises(ValueError, match="same length"):
         Tokenizer.from_gguf_vocab(["a", "b"], [0.0], [1, 1])
+
+
+def test_a_gguf_tokenizer_is_kept_in_the_cache(tmp_path, monkeypatch, tokenizer_270m):
+    """The first load writes the SentencePiece model to $GEMMA_CACHE/tokenizers; the next reads it without
+    touching the GGUF's vocabulary; a damaged copy is rebuilt and rewritten."""
+    import checkpoints
+    from checkpoints import from_gguf
+
+    monkeypatch.setenv("GEMMA_CACHE", str(tmp_path))
+    built = checkpoints.load_tokenizer("gemma3-270m")
+    assert built._proto == tokenizer_270m._proto
+    (kept,) = (tmp_path / "tokenizers").glob("*.model")
+    assert kept.read_bytes() == built._proto
+
+    def no_vocab(path):
+        raise AssertionError("the cached tokenizer should have been read")
+
+    with monkeypatch.context() as m:
+        m.setattr(from_gguf, "tokenizer_vocab", no_vocab)
+        again = checkpoints.load_tokenizer("gemma3-270m")
+    assert again._proto == built._proto and again.encode("Hello world") == built.encode("Hello world")
+    kept.write_bytes(b"damaged")
+    assert checkpoints.load_tokenizer("gemma3-270m")._proto == built._proto
+    assert kept.read_bytes() == built._proto
