@@ -31,6 +31,7 @@ from flax import nnx
 
 from gemma.serve.engine import Engine
 from gemma.train import data as data_lib
+from gemma.train import lora
 from gemma.train import sharding
 from gemma.train.distill import check_divergence, generalized_jsd_sum, sparse_cross_entropy_sum
 from gemma.train.distill_targets import TargetBatch
@@ -94,7 +95,7 @@ def _hidden(graphdef, states, batch, compute_dtype, remat, vocab, scan=False):
     model.dtype = jnp.dtype(compute_dtype)
     h = model.forward(batch.inputs, batch.positions, None, return_hidden=True, segment_ids=batch.segment_ids,
                       remat=remat, scan=scan)
-    return h, model.embedder.embedding[...][:vocab], model.config.final_logit_softcap
+    return h, lora.head_table(model)[:vocab], model.config.final_logit_softcap
 
 
 def distill_sums(graphdef, teacher_graphdef, compute_dtype, remat, chunk, dc: DistillConfig, vocab,
