@@ -82,10 +82,13 @@ constexpr int64_t kPrefetch = 2048;  // bytes ahead of each weight row's stream
 inline float scalar(const float* p) { return *p; }
 inline float scalar(const uint16_t* p) { return _cvtsh_ss(*p); }
 
-// Weight rows held per tile for MM rows of x: accumulators RR * MM plus RR weight vectors fit the registers.
+// Weight rows held per tile for MM rows of x. Up to 4 rows: one, so that each thread reads one sequential
+// stream, which the hardware prefetcher follows (the short interleaved streams of several 640-byte rows it
+// follows poorly). Above, the products are compute-bound: as many rows as keep RR * MM accumulators plus RR
+// weight vectors in the registers, each x vector loaded once for them.
 template <int MM>
 constexpr int tile_rows() {
-  return std::max(1, std::min(4, (kRegs - 4) / (2 * MM + 1)));
+  return MM <= 4 ? 1 : std::max(1, std::min(4, (kRegs - 4) / (2 * MM + 1)));
 }
 
 // y[m, v + r] for r < RR, MM rows of x: int8 weights in groups of G.
@@ -247,8 +250,8 @@ inline __m512i lane_index(int64_t G, bool int4) {
 }
 
 template <int MM>
-constexpr int vnni_tile_rows() {
-  return std::max(1, std::min(4, (kRegs - 4) / (MM + 2)));
+constexpr int vnni_tile_rows() {  // as tile_rows: one weight row up to 4 rows of x
+  return MM <= 4 ? 1 : std::max(1, std::min(4, (kRegs - 4) / (MM + 2)));
 }
 
 // y[m, v + r] for r < RR, MM rows of quantized x: weights q (int8 [R, K] or int4 [R, K / 2]), scales c_s
