@@ -46,7 +46,7 @@ inline __m512 load16(const uint16_t* p, int64_t n) {
 // y[m, v] for v in [v0, v1), MM rows of x at once, R weight rows per register tile.
 template <int MM, typename W>
 void minor_rows(const float* X, const W* Wt, float* Y, int64_t D, int64_t V, int64_t v0, int64_t v1) {
-  constexpr int R = MM <= 2 ? 1 : MM <= 4 ? 3 : 2;
+  constexpr int R = MM <= 4 ? 1 : 2;
   int64_t v = v0;
   auto tile = [&](auto rows_tag) {
     constexpr int RR = decltype(rows_tag)::value;
@@ -279,7 +279,7 @@ inline void bx_minor_tile(const uint16_t* xp, int64_t M, const uint16_t* Wt, flo
 template <int MM>
 void bx_minor_rows(const uint16_t* xp, int64_t M, const uint16_t* Wt, float* Y, int64_t D, int64_t V, int64_t v0,
                    int64_t v1) {
-  constexpr int R = MM <= 4 ? 4 : 16 / MM;  // weight rows per tile (16 / MM at 1-2 rows spilled row pointers)
+  constexpr int R = MM <= 4 ? 1 : 16 / MM;  // weight rows per tile: one sequential stream up to 4 rows of x
   int64_t v = v0;
   for (; v + R <= v1; v += R) bx_minor_tile<MM, R>(xp, M, Wt, Y, D, V, v);
   for (; v < v1; ++v) bx_minor_tile<MM, 1>(xp, M, Wt, Y, D, V, v);
