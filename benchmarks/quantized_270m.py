@@ -8,7 +8,8 @@ Each of ours runs in its own subprocess (peak RSS is per variant). int8: groups 
 GGUF; int4: the GGUF as the file holds it (Q4_K as int4, the rest int8, the Q8_0 head 8-bit).
 Speculative: greedy on the parity prompts (tests/fixtures/gemma3_270m), ids checked identical to plain
 greedy; tok/s over the new tokens with the prefill timed apart and subtracted, for both.
-Floors: bytes read per decoded token / the ~20 GB/s two cores stream (DESIGN.md).
+Floors: bytes read per decoded token / the XLA f32 matrix-vector bandwidth measured in the same run
+(benchmarks/sampler_270m.py's yardstick; 20 GB/s if it fails).
 """
 
 from __future__ import annotations
@@ -133,38 +134,49 @@ def main():
     ap.add_argument("--ref-python", default="/work/venvref/bin/python")
     ap.add_argument("--variant")
     args = ap.parse_args()
+    if args.variant == "bandwidth":
+        from sampler_270m import bandwidth_gbs
+
+        print(json.dumps({"gbs": bandwidth_gbs()}))
+        return
     if args.variant:
         print(json.dumps(ours(args.variant)))
         return
     load0 = os.getloadavg()
     rows = {v: sub([sys.executable, os.path.abspath(__file__), "--variant", v])
             for v in ("f32", "bf16", "int8", "int4", "int4+spec")}
+    bw = sub([sys.executable, os.path.abspath(__file__), "--variant", "bandwidth"]).get("gbs", BANDWIDTH / 1e9) * 1e9
     lc = sub([args.ref_python, "-c", LLAMA, os.path.join(REF, "gemma3_270m", "reference.npz")])
     hf = sub([args.ref_python, os.path.join(ROOT, "benchmarks", "peer_hf.py"), "--threads", "2"])
     ref = json.load(open(os.path.join(REF, "perplexity", "reference.json")))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; load average "
           f"{load0} at start, {os.getloadavg()} at end (other jobs share these cores)\n")
-    print("| implementation | decode b1 tok/s | floor b1 (20 GB/s / bytes a token) | decode b8 tok/s | "
+    print(f"XLA f32 matrix-vector bandwidth (benchmarks/sampler_270m.py's yardstick), this run: {bw / 1e9:.1f} GB/s\n")
+    print(f"| implementation | decode b1 tok/s | floor b1 ({bw / 1e9:.0f} GB/s / bytes a token) | decode b8 tok/s | "
           "prefill 512 s | peak RSS MB: load / decode+prefill / all | perplexity |")
     print("|---|---|---|---|---|---|---|")
     for v, r in rows.items():
         if "error" in r:
             print(f"| ours {v} | error: {r['error'][-160:]!r} | | | | | |")
         elif v != "int4+spec":
-            print(f"| ours {v} | {r['decode_b1']:.1f} | {BANDWIDTH / r['weight_bytes']:.0f} "
+            print(f"| ours {v} | {r['decode_b1']:.1f} | {bw / r['weight_bytes']:.0f} "
                   f"({r['weight_bytes'] / 1e6:.0f} MB) | {r['decode_b8']:.1f} | {r['prefill_512_s']:.2f} | "
                   f"{r['rss_after_load_mb']:.0f} / {r['rss_decode_mb']:.0f} / {r['peak_rss_mb']:.0f} | "
                   f"{r['perplexity']:.3f} |")
     if "error" in lc:
         print(f"| llama-cpp-python Q4_K_M | error: {lc['error'][-160:]!r} | | | | | |")
     else:
-        print(f"| llama-cpp-python Q4_K_M | {lc['decode_b1']:.1f} | 80 (~250 MB) | | {lc['prefill_512_s']:.2f} | "
+        print(f"| llama-cpp-python Q4_K_M | {lc['decode_b1']:.1f} | {bw / 247e6:.0f} (~247 MB) | | {lc['prefill_512_s']:.2f} | "
               f"{lc['peak_rss_mb']:.0f} | {ref['perplexity_llama_cpp_q4_k_m']:.3f} (fixture) |")
     if "error" in hf:
         print(f"| HF transformers f32 | error: {hf['error'][-160:]!r} | | | | | |")
     else:
         print(f"| HF transformers f32 | {hf['decode_b1_tok_s']:.1f} | | {hf['decode_b8_tok_s']:.1f} | "
               f"{hf['prefill_512_s']:.2f} | {1024 * hf['peak_rss_gib']:.0f} | {ref['perplexity_hf_f32']:.3f} (fixture) |")
+    if "error" not in lc and "error" not in rows["int4"]:
+        r = rows["int4"]
+        print(f"\nint4 decode b1 / llama.cpp: {r['decode_b1'] / lc['decode_b1']:.2f}x; / its floor: "
+              f"{100 * r['decode_b1'] * r['weight_bytes'] / bw:.0f}%")
     spec = rows["int4+spec"]
     if "error" not in spec:
         from gemma import speculative
