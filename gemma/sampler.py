@@ -254,8 +254,8 @@ class Sampler:
         self.prefill_chunk = int(prefill_chunk)
         self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
         self.stop_ids = (tokenizer.eos_id, tokenizer.end_of_turn_id)
-        self._graphdef, state = nnx.split(model)
-        self._model_key = ModelKey(self._graphdef, jax.tree.structure(state))
+        graphdef, state = nnx.split(model)
+        self._model_key = ModelKey(graphdef, jax.tree.structure(state))
         self._use_state(state)
 
     def _use_state(self, state) -> None:
@@ -525,11 +525,14 @@ class Sampler:
         stop_ids = jnp.asarray(self.stop_ids, jnp.int32)
         text = IncrementalText(self.tokenizer, stop)
         fed: list[int] = []
+
+        def step():  # feeds `token` (unless a stop id) and samples the next: (next token, cache, key)
+            return _feed_and_sample(self._model_key, self._leaves, cache, token, key, stop_ids, params)
+
         try:
             for i in range(max_new_tokens):
-                if i:  # fed (unless a stop id) and the next sampled while this one is read and shown
-                    following, cache, key = _feed_and_sample(self._model_key, self._leaves, cache, token, key,
-                                                             stop_ids, params)
+                if i:  # dispatched before this token is read and shown
+                    following, cache, key = step()
                 t = int(token[0])
                 if t in self.stop_ids:
                     break
@@ -540,8 +543,7 @@ class Sampler:
                     except GeneratorExit:  # the caller stopped: this token is fed, then the stream ends
                         closed = True
                 if not i:  # the first piece waits for no decode program
-                    following, cache, key = _feed_and_sample(self._model_key, self._leaves, cache, token, key,
-                                                             stop_ids, params)
+                    following, cache, key = step()
                 fed.append(t)
                 token = following
                 if closed:

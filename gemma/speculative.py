@@ -29,8 +29,8 @@ from gemma.config import VOCAB_SIZE
 from gemma.sampler import SamplingParams, _bucket, _nucleus, greedy_rows
 
 
-# The defaults (Sampler.generate_speculative's too): draft 4 tokens after a recurring 3-gram, 2 after a 2-gram, 1
-# after a 1-gram; a longer match predicts more of what follows, and a pass's cost grows with its rows.
+# The defaults (Sampler.generate_speculative's too): draft 3 tokens after a recurring 3-gram, 1 after a 2- or
+# 1-gram; a longer match predicts more of what follows, and a pass's cost grows with its rows.
 DRAFT_LEN, MAX_NGRAM, MIN_NGRAM = (3, 1, 1), 3, 1
 
 
