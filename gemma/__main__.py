@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--stop", action="append", default=None, metavar="TEXT",
                         help="end the generation before TEXT (repeat for several)")
     common.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    common.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                        help="keep the language model's matrices quantized (a GGUF's as the file holds them; "
+                             "the fastest on a CPU: int4)")
     common.add_argument("--attention-impl", default="auto", choices=("auto",) + IMPLS,
                         help="kernels.attention implementation (auto: Pallas on TPU/GPU, XLA on CPU)")
     common.add_argument("-v", "--verbose", action="store_true",
@@ -74,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", parents=[common], formatter_class=_HelpFormatter,
                          help="continue a prompt, streaming the text", description="Continue PROMPT.")
     gen.add_argument("prompt", help="the text to continue")
+    gen.add_argument("--speculative", default=None, choices=["lookup", "vocab"],
+                     help="speculative decoding (gemma.speculative): drafts copied from the context's n-grams "
+                          "(lookup) or from the model's own sub-vocabulary head (vocab), checked in one pass; "
+                          "the same greedy text, printed when done instead of streamed")
     chat = sub.add_parser("chat", parents=[common], formatter_class=_HelpFormatter,
                           help="interactive multi-turn chat (Gemma chat template)",
                           description="Chat through the Gemma 3 chat template.\n\n" + _CHAT_HELP)
@@ -280,11 +287,13 @@ def _load(args, kind: str):
 
     t = time.perf_counter()
     try:
-        model = checkpoints.load(args.model, dtype=jnp.dtype(args.dtype)).with_attention_impl(args.attention_impl)
+        model = checkpoints.load(args.model, dtype=jnp.dtype(args.dtype), quantize=args.quantize)
+        model = model.with_attention_impl(args.attention_impl)
     except (OSError, ValueError) as e:
         return _error(str(e), 1)
     if args.verbose:
-        print(f"[loaded {args.model} ({kind}, {args.dtype}) in {time.perf_counter() - t:.1f} s]", file=sys.stderr)
+        how = args.dtype if args.quantize is None else f"{args.quantize}, the rest {args.dtype}"
+        print(f"[loaded {args.model} ({kind}, {how}) in {time.perf_counter() - t:.1f} s]", file=sys.stderr)
     return model
 
 
@@ -329,6 +338,19 @@ def _generate(args, model, tokenizer, prompt_ids: list[int], max_len: int) -> in
     sampler = Sampler(model, tokenizer, max_len=max_len)
     timing = _Timing(tokenizer)
     print(args.prompt, end="", flush=True)
+    if args.speculative:
+        from gemma import speculative
+
+        sampling = _sampling(args)
+        stop = sampling.pop("stop")
+        ids, stats = speculative.generate(sampler, prompt_ids, draft=args.speculative, **sampling)
+        ids, text = sampler._stop_at(ids, stop)
+        print(text)
+        if args.verbose:
+            elapsed = time.perf_counter() - timing.start
+            print(f"[{len(ids)} tokens in {elapsed:.2f} s after the request, compilation included; "
+                  f"{stats.steps} passes, {stats.accepted} of {stats.drafted} drafted tokens kept]", file=sys.stderr)
+        return 0
     for piece in sampler.stream(prompt_ids, **_sampling(args)):
         timing.piece(piece)
         print(piece, end="", flush=True)

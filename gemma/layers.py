@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.dense import Einsum, dense, normal_init
-from kernels.quantized import QuantizedEinsum, take_rows
+from kernels.quantized import QuantizedEinsum, select_rows, take_rows
 
 
 class RMSNorm(nnx.Module):
@@ -43,6 +43,10 @@ class Embedder(nnx.Module):
         """[B, T, D] -> float32 logits [B, T, V] through the tied table (einsum over E's stored layout)."""
         return dense("BTD,VD->BTV", x, self.embedding[...], preferred_element_type=jnp.float32)
 
+    def rows(self, ids: jax.Array) -> jax.Array:
+        """The head's rows E[ids] [*ids.shape, D], as stored (a sub-vocabulary head: dense(x, rows(ids)))."""
+        return jnp.take(self.embedding[...], ids, axis=0)
+
 
 class QuantizedEmbedder(nnx.Module):
     """The Embedder with its table E [V, D] quantized: `table` is a QuantizedEinsum "BTD,VD->BTV".
@@ -59,6 +63,10 @@ class QuantizedEmbedder(nnx.Module):
     def decode(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> float32 logits [B, T, V]."""
         return self.table(x, preferred_element_type=jnp.float32)
+
+    def rows(self, ids: jax.Array):
+        """The head's rows E[ids], still quantized (a QArray [*ids.shape, D])."""
+        return select_rows(self.table.weight(), ids)
 
 
 class GeGLU(nnx.Module):

@@ -483,14 +483,15 @@ class Sampler:
     def generate_speculative(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                              stop: Sequence[str] | None = None,
-                             draft_len: int | Sequence[int] | None = None) -> SamplerOutput:
-        """`generate` for one text prompt with speculative decoding (gemma/speculative.py: prompt-lookup drafts
-        checked in one pass): greedy ids are generate's, sampled ids distributed as generate's. `draft_len`:
-        tokens drafted a pass, an int or one per recurring n-gram length (None: gemma.speculative.DRAFT_LEN)."""
+                             draft_len: int | Sequence[int] | None = None, draft: str = "lookup") -> SamplerOutput:
+        """`generate` for one text prompt with speculative decoding (gemma/speculative.py): greedy ids are
+        generate's, sampled ids distributed as generate's. `draft`: "lookup" (n-grams copied from the context,
+        checked in one pass) or "vocab" (the model's own body with a sub-vocabulary head drafts, the full head
+        checks). `draft_len`: tokens drafted a pass (None: the method's default)."""
         from gemma import speculative
 
-        draft_len = speculative.DRAFT_LEN if draft_len is None else draft_len
-        ids, _ = speculative.generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, draft_len)
+        ids, _ = speculative.generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, draft_len,
+                                      draft=draft)
         ids, text = self._stop_at(ids, stop)
         return SamplerOutput(text, ids)
 

@@ -1,5 +1,5 @@
-"""Speculative decoding with prompt-lookup drafts: n-grams copied from the context, checked by the target
-in one extend over the compact cache, the whole draft-verify loop one jitted `lax.while_loop` on device.
+"""Speculative decoding, the whole draft-verify loop one jitted `lax.while_loop` on device. draft="lookup"
+(the default): n-grams copied from the context, checked by the target in one extend over the compact cache.
 
 Each pass feeds [last, d1 .. dm] (last: the newest token, not yet in the cache; d: the draft, m <= k,
 the chunk right-padded to k + 1 with position -1, which writes nothing) in one chunk, so the target's
@@ -12,6 +12,14 @@ That is rejection sampling (Leviathan et al. 2023; Chen et al. 2023): every emit
 distributed as the target's. Ring slots the rejected tokens overwrote are restored
 (gemma.cache.ring_snapshot / rollback); the cache length is cut back to the kept tokens. Drafts are
 looked up on device over the token history (prompt + generated), so a pass costs no host round trip.
+
+draft="vocab" is self-speculative (a draft head over a sub-vocabulary on the same body): a round runs the
+body k times one token at a time, exactly as plain decode does, each step's final hidden state drafting the
+next input as the likeliest token among a fixed sub-vocabulary and the context's tokens (a small product);
+the full head then reads its table once for all k hidden states. The hidden states are plain decode's
+(the same one-token steps, and the quantized and dense kernels give each row the same bits whatever rows
+share a pass), so the kept tokens are the target's own choices by construction, not within a tolerance;
+what the body computed after the first rejected draft is rolled back as above.
 """
 
 from __future__ import annotations
@@ -27,11 +35,14 @@ import numpy as np
 from gemma.cache import ring_snapshot, rollback
 from gemma.config import VOCAB_SIZE
 from gemma.sampler import SamplingParams, _bucket, _nucleus, greedy_rows
+from kernels.dense import dense
 
 
 # The defaults (Sampler.generate_speculative's too): draft 3 tokens after a recurring 3-gram, 1 after a 2- or
 # 1-gram; a longer match predicts more of what follows, and a pass's cost grows with its rows.
 DRAFT_LEN, MAX_NGRAM, MIN_NGRAM = (3, 1, 1), 3, 1
+# draft="vocab": body steps a round, the sub-vocabulary (the first that many ids), context tokens also drafted from
+VOCAB_DRAFT_LEN, VOCAB, CONTEXT = 3, 8192, 2048
 
 
 def lookup(history: jax.Array, count: jax.Array, draft_len: int, max_ngram: int = 3,
@@ -68,11 +79,12 @@ _lookup = jax.jit(lookup, static_argnums=(2, 3, 4))
 def target_probs(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """float32 probabilities [T, V] the Sampler draws from (temperature, top-k, top-p; ids >= 262144 never)."""
     logits = logits[:, :VOCAB_SIZE] / params.temperature
-    if params.top_k is not None or params.top_p is not None:
-        order = jnp.argsort(-logits, axis=-1)
-        values = jnp.take_along_axis(logits, order, axis=-1)
+    if params.top_k is not None or params.top_p is not None:  # the candidates sample_logits draws from
         if params.top_k is not None:
-            values = jnp.where(jnp.arange(values.shape[-1]) < params.top_k, values, -jnp.inf)
+            values, order = jax.lax.top_k(logits, min(params.top_k, logits.shape[-1]))
+        else:
+            order = jnp.argsort(-logits, axis=-1)
+            values = jnp.take_along_axis(logits, order, axis=-1)
         if params.top_p is not None:
             values = _nucleus(values, params.top_p)
         logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(values)
@@ -117,18 +129,11 @@ class SpeculativeStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
-def _loop(model_key, leaves, cache, logits, history, count, key, params, draft_lens, max_ngram, min_ngram, stop_ids,
-          max_new):
-    """Draft-verify passes until a stop id or `max_new` tokens: returns (history with the generated tokens
-    after the prompt's `count`, the number generated (a final stop id included), [steps, drafted, accepted]).
-    draft_lens[i]: tokens drafted after a recurring n-gram of n = max_ngram - i; each distinct length is a
-    pass of its own row count (one branch each)."""
-    model = model_key.merge(leaves)
-    k = max(draft_lens)
-    lengths = sorted(set(draft_lens))
-    branch_of_n = jnp.asarray([0] * min_ngram + [1 + lengths.index(draft_lens[max_ngram - n])
-                                                 for n in range(min_ngram, max_ngram + 1)], jnp.int32)
+def _rounds(logits, cache, history, count, key, params, stop_ids, max_new, round_fn):
+    """Draft-verify rounds until a stop id or `max_new` tokens: returns (history with the generated tokens
+    after the prompt's `count`, the number generated (a final stop id included), [rounds, drafted, accepted]).
+    round_fn(cache, history, count, key) -> (cache, history, draft [w], n kept, next token, m drafted) checks a
+    draft after history[count - 1], the newest token (not yet in the cache)."""
     prompt_len = count
     key, sub = jax.random.split(key)
     first = choose(logits, jnp.zeros((0,), jnp.int32), jnp.int32(0), sub, params)[1]
@@ -141,9 +146,34 @@ def _loop(model_key, leaves, cache, logits, history, count, key, params, draft_l
 
     def body(carry):
         cache, history, count, key, _, stats = carry
-        draft, m, matched = lookup(history, count, k, max_ngram, min_ngram)
-        start = count - 1  # the position of the newest token, not yet in the cache
         key, sub = jax.random.split(key)
+        cache, history, draft, n, nxt, m = round_fn(cache, history, count, sub)
+        offsets = jnp.arange(draft.shape[0] + 1, dtype=jnp.int32)
+        new = jnp.where(offsets < n, jnp.concatenate([draft, nxt[None]]), nxt)  # draft[:n] + [nxt], padded
+        stop = (offsets <= n) & jnp.isin(new, stop_ids)
+        emitted = jnp.minimum(jnp.where(stop.any(), jnp.argmax(stop) + 1, n + 1), max_new - (count - prompt_len))
+        history = jax.lax.dynamic_update_slice(history, new, (count,))
+        stopped = jnp.any(stop & (offsets < emitted))
+        return cache, history, count + emitted, key, stopped, stats + jnp.stack([1, m, n])
+
+    _, history, count, _, _, stats = jax.lax.while_loop(cond, body, init)
+    return history, count - prompt_len, stats
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
+def _loop(model_key, leaves, cache, logits, history, count, key, params, draft_lens, max_ngram, min_ngram, stop_ids,
+          max_new):
+    """`_rounds` of prompt lookup: draft_lens[i] tokens drafted after a recurring n-gram of n = max_ngram - i;
+    each distinct length is a pass of its own row count (one branch each), no recurring n-gram a plain step."""
+    model = model_key.merge(leaves)
+    k = max(draft_lens)
+    lengths = sorted(set(draft_lens))
+    branch_of_n = jnp.asarray([0] * min_ngram + [1 + lengths.index(draft_lens[max_ngram - n])
+                                                 for n in range(min_ngram, max_ngram + 1)], jnp.int32)
+
+    def round_fn(cache, history, count, key):
+        draft, m, matched = lookup(history, count, k, max_ngram, min_ngram)
+        start = count - 1
 
         def verify(length, cache):  # a pass of length + 1 rows over [newest, draft[:length]]
             d = draft[:length]
@@ -153,25 +183,60 @@ def _loop(model_key, leaves, cache, logits, history, count, key, params, draft_l
             tokens = jnp.concatenate([history[start][None], d])[None]
             snapshot = ring_snapshot(cache, positions)
             logits, cache = model.extend(jnp.where(positions >= 0, tokens, 0), positions, cache, last_only=False)
-            n, nxt = choose(logits[0], d, m_, sub, params)
+            n, nxt = choose(logits[0], d, m_, key, params)
             return rollback(cache, snapshot, positions, (start + 1 + n)[None]), n, nxt, m_
 
         def step(cache):  # no draft: a plain one-token decode step
             logits, cache = model.extend(history[start][None, None], start[None, None], cache)
-            return cache, jnp.int32(0), choose(logits[0], draft[:0], jnp.int32(0), sub, params)[1], jnp.int32(0)
+            return cache, jnp.int32(0), choose(logits[0], draft[:0], jnp.int32(0), key, params)[1], jnp.int32(0)
 
         branches = [step] + [functools.partial(verify, length) for length in lengths]
         cache, n, nxt, m = jax.lax.switch(branch_of_n[matched], branches, cache)  # matched 0: no draft
-        offsets = jnp.arange(k + 1, dtype=jnp.int32)
-        new = jnp.where(offsets < n, jnp.concatenate([draft, draft[:1]]), nxt)  # draft[:n] + [nxt], padded
-        stop = (offsets <= n) & jnp.isin(new, stop_ids)
-        emitted = jnp.minimum(jnp.where(stop.any(), jnp.argmax(stop) + 1, n + 1), max_new - (count - prompt_len))
-        history = jax.lax.dynamic_update_slice(history, new, (count,))
-        stopped = jnp.any(stop & (offsets < emitted))
-        return cache, history, count + emitted, key, stopped, stats + jnp.stack([1, m, n])
+        return cache, history, draft, n, nxt, m
 
-    _, history, count, _, _, stats = jax.lax.while_loop(cond, body, init)
-    return history, count - prompt_len, stats
+    return _rounds(logits, cache, history, count, key, params, stop_ids, max_new, round_fn)
+
+
+def _vocab_draft(model, table, vocab_ids, h, history, upto, context: int):
+    """The draft after final-normed hidden h [1, 1, D]: the likeliest token of the sub-vocabulary head
+    (`table`: the head's rows `vocab_ids` [N]) and of the last `context` tokens of history[:upto]."""
+    static = dense("BTD,VD->BTV", h, table, preferred_element_type=jnp.float32)[0, 0]
+    lo = jnp.maximum(upto - context, 0)
+    ids = jax.lax.dynamic_slice(history, (lo,), (context,))
+    seen = dense("BTD,VD->BTV", h, model.embedder.rows(ids), preferred_element_type=jnp.float32)[0, 0]
+    seen = jnp.where(lo + jnp.arange(context) < upto, seen, -jnp.inf)
+    i, j = jnp.argmax(static), jnp.argmax(seen)
+    return jnp.where(static[i] >= seen[j], vocab_ids[i], ids[j]).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10))
+def _vocab_loop(model_key, leaves, table, vocab_ids, cache, logits, history, key, params, k, context, count,
+                stop_ids, max_new):
+    """`_rounds` of self-speculation: k one-token steps of the body, each drafting the next input from the
+    sub-vocabulary head, then the full head over the k hidden states in one pass; the draft prefix the
+    target's choice confirms is kept (the body's later steps rolled back)."""
+    model = model_key.merge(leaves)
+
+    def round_fn(cache, history, count, key):
+        start = count - 1
+        positions = (start + jnp.arange(k, dtype=jnp.int32))[None]
+        snapshot = ring_snapshot(cache, positions)
+
+        def row(j, carry):  # the body on history[start + j]; its draft becomes history[start + j + 1]
+            cache, history, hidden = carry
+            h, cache = model.extend(history[start + j][None, None], (start + j)[None, None], cache,
+                                    return_hidden=True)
+            draft = jax.lax.cond(j < k - 1, lambda: _vocab_draft(model, table, vocab_ids, h, history,
+                                                                  start + j + 1, context), lambda: jnp.int32(0))
+            return cache, history.at[start + j + 1].set(draft), hidden.at[j].set(h[0, 0])
+
+        hidden = jnp.zeros((k, model.config.d_model), model.dtype)
+        cache, history, hidden = jax.lax.fori_loop(0, k, row, (cache, history, hidden))
+        draft = jax.lax.dynamic_slice(history, (count,), (k - 1,))
+        n, nxt = choose(model.logits(hidden[None])[0], draft, jnp.int32(k - 1), key, params)
+        return rollback(cache, snapshot, positions, (start + 1 + n)[None]), history, draft, n, nxt, jnp.int32(k - 1)
+
+    return _rounds(logits, cache, history, count, key, params, stop_ids, max_new, round_fn)
 
 
 def draft_lengths(draft_len, max_ngram: int, min_ngram: int, window: int) -> tuple[int, ...]:
@@ -190,14 +255,30 @@ def draft_lengths(draft_len, max_ngram: int, min_ngram: int, window: int) -> tup
 
 def generate(sampler, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             draft_len: int | Sequence[int] = DRAFT_LEN, max_ngram: int = MAX_NGRAM,
-             min_ngram: int = MIN_NGRAM) -> tuple[list[int], SpeculativeStats]:
+             draft_len: int | Sequence[int] | None = None, max_ngram: int = MAX_NGRAM,
+             min_ngram: int = MIN_NGRAM, draft: str = "lookup",
+             vocab: int | Sequence[int] = VOCAB) -> tuple[list[int], SpeculativeStats]:
     """Continues one prompt with speculative decoding on `sampler`'s model and cache layout; returns the
-    generated ids (stop id excluded, as Sampler.generate) and the draft statistics. Drafts come from the
-    longest recurring n-gram, max_ngram down to min_ngram: `draft_len` tokens of what followed it (an int, or
-    one int per n-gram length, longest first); a pass with none is a plain one-token step."""
+    generated ids (stop id excluded, as Sampler.generate) and the draft statistics.
+
+    draft="lookup": drafts come from the longest recurring n-gram, max_ngram down to min_ngram: `draft_len`
+    tokens of what followed it (an int, or one int per n-gram length, longest first; default DRAFT_LEN); a
+    pass with none is a plain one-token step. draft="vocab": self-speculative, each round `draft_len`
+    (default VOCAB_DRAFT_LEN) one-token steps of the body, each fed the likeliest token of a sub-vocabulary
+    head (`vocab`: the first that many ids, or the ids themselves, plus the last CONTEXT tokens of the
+    context), then the full head over those steps' hidden states in one pass."""
+    if draft not in ("lookup", "vocab"):
+        raise ValueError(f"draft must be 'lookup' or 'vocab', got {draft!r}")
     params = SamplingParams(temperature, top_k, top_p)
-    lens = draft_lengths(draft_len, max_ngram, min_ngram, sampler.config.sliding_window)
+    window = sampler.config.sliding_window
+    if draft == "lookup":
+        lens = draft_lengths(DRAFT_LEN if draft_len is None else draft_len, max_ngram, min_ngram, window)
+    else:
+        k = VOCAB_DRAFT_LEN if draft_len is None else draft_len
+        if not (isinstance(k, int) and 1 <= k < window):
+            raise ValueError(f"draft='vocab' takes draft_len as one int in [1, {window}), got {draft_len!r}")
+        lens = (k,)
+        vocab_ids = vocab_ids_of(vocab, min(sampler.config.vocab_size, VOCAB_SIZE))
     k = max(lens)
     row = sampler.encode_prompt(prompt)
     sampler._check_room([len(row)], max_new_tokens)
@@ -206,11 +287,40 @@ def generate(sampler, prompt: str | Sequence[int], max_new_tokens: int = 64, tem
     logits, cache = sampler.prefill([row], cache)
     history = np.zeros(room + k + 1, np.int32)  # the prompt, then what is generated
     history[:len(row)] = row
-    history, n, stats = _loop(sampler._model_key, sampler._leaves, cache, logits, jnp.asarray(history),
-                              jnp.int32(len(row)), jax.random.key(seed), params, lens, max_ngram, min_ngram,
-                              jnp.asarray(sampler.stop_ids, jnp.int32), jnp.int32(max_new_tokens))
+    stop_ids = jnp.asarray(sampler.stop_ids, jnp.int32)
+    if draft == "lookup":
+        history, n, stats = _loop(sampler._model_key, sampler._leaves, cache, logits, jnp.asarray(history),
+                                  jnp.int32(len(row)), jax.random.key(seed), params, lens, max_ngram, min_ngram,
+                                  stop_ids, jnp.int32(max_new_tokens))
+    else:
+        table = _vocab_table(sampler._model_key, sampler._leaves, vocab_ids)
+        history, n, stats = _vocab_loop(sampler._model_key, sampler._leaves, table, vocab_ids, cache, logits,
+                                        jnp.asarray(history), jax.random.key(seed), params, k,
+                                        min(CONTEXT, len(history)), jnp.int32(len(row)), stop_ids,
+                                        jnp.int32(max_new_tokens))
     out = np.asarray(history)[len(row):len(row) + int(n)].tolist()
     if out and out[-1] in sampler.stop_ids:
         out.pop()
     steps, drafted, accepted = (int(x) for x in np.asarray(stats))
     return out, SpeculativeStats(steps, drafted, accepted)
+
+
+def vocab_ids_of(vocab: int | Sequence[int], vocab_size: int) -> jax.Array:
+    """The sub-vocabulary of draft="vocab" as int32 ids: an int n is the first min(n, vocab_size) ids
+    (SentencePiece BPE numbers pieces in merge order, so the early ids are the frequent pieces), or the ids
+    given, each in [0, vocab_size)."""
+    if isinstance(vocab, (int, np.integer)) and not isinstance(vocab, bool):
+        if vocab < 1:
+            raise ValueError(f"vocab must be a positive number of ids or a list of ids, got {vocab}")
+        return jnp.arange(min(int(vocab), vocab_size), dtype=jnp.int32)
+    ids = np.asarray(vocab)
+    if (ids.ndim != 1 or not len(ids) or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0
+            or ids.max() >= vocab_size):
+        raise ValueError(f"vocab must be a positive int or a non-empty list of token ids in [0, {vocab_size}), "
+                         f"got {str(vocab)[:80]}")
+    return jnp.asarray(ids, jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vocab_table(model_key, leaves, ids):
+    return model_key.merge(leaves).embedder.rows(ids)

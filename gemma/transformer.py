@@ -239,13 +239,15 @@ class Transformer(nnx.Module):
         return x if return_hidden else self.logits(x)
 
     def extend(self, tokens: jax.Array, positions: jax.Array, cache: Cache, last_only: bool = True,
-               images: jax.Array | None = None, fresh: bool = False) -> tuple[jax.Array, Cache]:
+               images: jax.Array | None = None, fresh: bool = False,
+               return_hidden: bool = False) -> tuple[jax.Array, Cache]:
         """Traceable cached forward of a chunk: prefill (T > 1) or one decode step (T = 1).
 
         tokens int [B, T]; positions int [B, T], negative on (left) padding;
         `images` for the soft tokens of this chunk (whole image blocks only).
         `fresh` (static) promises an empty cache: the chunk then attends over itself only.
-        Returns f32 logits [B, 1, V] of the last column (or [B, T, V]) and the cache.
+        Returns f32 logits [B, 1, V] of the last column (or [B, T, V]) and the cache; with `return_hidden`
+        the final-normed hidden states [B, 1 or T, D] that `logits` reads instead.
         """
         x = self.embed(tokens, images)
         k_end = jnp.where(positions >= 0, positions, -1)
@@ -260,7 +262,8 @@ class Transformer(nnx.Module):
         length = cache.length + jnp.sum(positions >= 0, axis=1, dtype=jnp.int32)
         if last_only:
             x = x[:, -1:]
-        return self.logits(self.final_norm(x)), Cache(tuple(layers), length)
+        x = self.final_norm(x)
+        return x if return_hidden else self.logits(x), Cache(tuple(layers), length)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final-normed hidden [B, T, D] -> f32 logits [B, T, V] (tied head, optional soft-cap)."""

@@ -71,9 +71,9 @@ def dense(x: jax.Array, w: jax.Array, layout: str) -> jax.Array:
     v = w.shape[0] if layout == "minor" else w.shape[1]
     out = jax.ShapeDtypeStruct((m, v), jnp.float32)
     if w.dtype == jnp.bfloat16 and x.dtype == jnp.bfloat16 and bf16_dot():
-        return jax.ffi.ffi_call(f"gemma_dense_{layout}_bf16x", out)(x, w)  # bf16 pairs, f32 sums
+        return jax.ffi.ffi_call(f"gemma_dense_{layout}_bf16x", out, vmap_method="sequential")(x, w)  # bf16 pairs, f32 sums
     target = f"gemma_dense_{layout}_{'bf16' if w.dtype == jnp.bfloat16 else 'f32'}"
-    return jax.ffi.ffi_call(target, out)(x.astype(jnp.float32), w)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x.astype(jnp.float32), w)
 
 
 @dense.defjvp

@@ -105,4 +105,4 @@ def matmul(x: jax.Array, w, isa: str | None = None) -> jax.Array:
                                f"{w.group} for the VNNI build, are not available on this machine")
     out = jax.ShapeDtypeStruct((x.shape[0], w.data.shape[0]), jnp.float32)
     args = (w.data, w.scale) if w.bits == 8 else (w.data, w.scale, w.minimum)
-    return jax.ffi.ffi_call(f"gemma_q{w.bits}_{scale}_{isa}", out)(x.astype(jnp.float32), *args)
+    return jax.ffi.ffi_call(f"gemma_q{w.bits}_{scale}_{isa}", out, vmap_method="sequential")(x.astype(jnp.float32), *args)

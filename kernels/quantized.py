@@ -92,10 +92,15 @@ def dequantize(w: QArray, dtype=jnp.float32) -> jax.Array:
     return out.reshape(*rows, k).astype(dtype)
 
 
+def select_rows(w: QArray, index: jax.Array) -> QArray:
+    """The rows w[index], still quantized: [*index.shape, K]."""
+    pick = lambda a: None if a is None else jnp.take(a, index, axis=0)
+    return QArray(pick(w.data), pick(w.scale), pick(w.minimum), w.bits, w.group)
+
+
 def take_rows(w: QArray, index: jax.Array) -> jax.Array:
     """Dequantized float32 rows w[index] (an embedding lookup): [*index.shape, K]."""
-    pick = lambda a: None if a is None else jnp.take(a, index, axis=0)
-    return dequantize(QArray(pick(w.data), pick(w.scale), pick(w.minimum), w.bits, w.group))
+    return dequantize(select_rows(w, index))
 
 
 def quantize(w, bits: int, group: int = 32, name: str = "weight") -> QArray:

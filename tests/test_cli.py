@@ -120,3 +120,21 @@ def test_missing_model_is_one_line():
     out = run("generate", "Hi", "--model", "/nonexistent/model.gguf")
     assert out.returncode == 1 and out.stderr.startswith("error: ") and "no such file or directory" in out.stderr
     assert out.stderr.count("\n") == 1
+
+
+def test_quantized_speculative_generate_prints_the_plain_text():
+    """--quantize int4 --speculative (both drafts) prints the text plain int4 streams, greedy; -v says
+    how many drafted tokens were kept."""
+    args = ("generate", PROMPT, "--max-new-tokens", "24", "--quantize", "int4")
+    plain = run(*args)
+    assert plain.returncode == 0, plain.stderr
+    for draft in ("lookup", "vocab"):
+        out = run(*args, "--speculative", draft, "-v")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == plain.stdout and len(out.stdout) > len(PROMPT) + 20
+        assert "[loaded gemma3-270m (gguf, int4, the rest float32) in " in out.stderr
+        assert " drafted tokens kept]" in out.stderr
+    text = plain.stdout[len(PROMPT):-1]
+    stop = text[8:14]
+    stopped = run(*args, "--speculative", "vocab", "--stop", stop)
+    assert stopped.returncode == 0 and stopped.stdout == PROMPT + text[:text.index(stop)] + "\n"

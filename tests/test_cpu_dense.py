@@ -37,7 +37,8 @@ def test_kernel_equals_f32_einsum(layout, wdtype, m, d, v):
 @pytest.mark.parametrize("layout", ["minor", "major"])
 def test_kernel_is_bitwise_reproducible(layout, rows):
     """Work is split over threads dynamically; every output must still be summed in one fixed order,
-    and a row's result must not depend on how many rows share the call (its first 8 rows alone)."""
+    and a row's result must not depend on how many rows share the call (its first 8 rows alone, or one
+    under jax.vmap)."""
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((rows, 640)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((2048, 640) if layout == "minor" else (640, 2048)), jnp.float32)
@@ -46,6 +47,8 @@ def test_kernel_is_bitwise_reproducible(layout, rows):
     for _ in range(30):
         np.testing.assert_array_equal(np.asarray(f(x, w, layout)), first)
     np.testing.assert_array_equal(np.asarray(f(x[:8], w, layout)), first[:8])
+    batched = jax.jit(jax.vmap(lambda x: cpu_dense.dense(x, w, layout)))  # jax.vmap: one call per row
+    np.testing.assert_array_equal(np.asarray(batched(x[:, None]))[:, 0], first)
 
 
 @pytest.mark.skipif(not cpu_dense.bf16_dot(), reason="needs AVX512_BF16 (vdpbf16ps)")

@@ -161,7 +161,7 @@ def test_vnni_build_alone_serves_shapes_it_hands_to_the_widening_build():
 @pytest.mark.parametrize("bits,group", [(8, 32), (8, 16), (4, 32)])
 def test_kernel_row_alone_gives_the_same_bits(isa, bits, group):
     """Each row's products are the same bits whatever rows share its pass: a speculative verify pass of 5 rows
-    and a 1-row decode step give the target the same logits."""
+    and a 1-row decode step give the target the same logits; so does jax.vmap over single rows."""
     if isa not in cpu_quantized.supported():
         pytest.skip(f"this CPU has no {isa}")
     rng = np.random.default_rng(11)
@@ -172,6 +172,8 @@ def test_kernel_row_alone_gives_the_same_bits(isa, bits, group):
     for i in range(7):
         np.testing.assert_array_equal(np.asarray(f(x[i:i + 1], w))[0], together[i])
     np.testing.assert_array_equal(np.asarray(f(x[2:5], w)), together[2:5])
+    batched = jax.jit(jax.vmap(lambda x, w: cpu_quantized.matmul(x, w, isa), (0, None)))  # one call per row
+    np.testing.assert_array_equal(np.asarray(batched(x[:, None], w))[:, 0], together)
 
 
 @pytest.mark.skipif(not cpu_quantized.supported(), reason="needs an x86 CPU with AVX2")

@@ -82,6 +82,91 @@ def test_greedy_equals_the_target_alone_tiny(tiny, tokenizer_270m, cache_dtype):
     assert s.generate_speculative(prompt, max_new_tokens=48).tokens == want
 
 
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.int8])
+def test_vocab_drafts_greedy_equal_the_target_alone_tiny(tiny, tokenizer_270m, cache_dtype):
+    """Self-speculative rounds (the body drafting from a sub-vocabulary head) through a ring of 8: the target's
+    greedy ids exactly, with drafts kept and rolled back, for a sub-vocabulary given as a size or as ids."""
+    s = Sampler(tiny, tokenizer_270m, max_len=128, prefill_chunk=16, cache_dtype=cache_dtype)
+    prompt = np.random.default_rng(3).integers(3, 64, size=12).tolist() * 2
+    want = s.generate(prompt, max_new_tokens=48).tokens
+    for draft_len, vocab in ((3, 64), (5, 4096), (2, list(range(100, 300)))):
+        got, st = speculative.generate(s, prompt, max_new_tokens=48, draft="vocab", draft_len=draft_len, vocab=vocab)
+        assert got == want, (draft_len, vocab)
+        assert st.drafted > st.accepted > 0 and st.steps < len(got), (draft_len, vocab)
+        assert st.drafted == (draft_len - 1) * st.steps
+    got, st = speculative.generate(s, prompt, max_new_tokens=48, draft="vocab", draft_len=1, vocab=8)
+    assert got == want and (st.steps, st.drafted) == (len(want) - 1, 0)  # one body step a round: plain decode
+    assert s.generate_speculative(prompt, max_new_tokens=48, draft="vocab").tokens == want
+    stop = s.generate(prompt, max_new_tokens=48, stop=[tokenizer_270m.decode(want[5:7])])
+    assert s.generate_speculative(prompt, max_new_tokens=48, draft="vocab", stop=[tokenizer_270m.decode(want[5:7])]) == stop
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_head_gives_each_row_the_bits_of_a_one_row_pass(tiny, dtype):
+    """What makes draft="vocab" exact: a plain step's logits are the head of its returned hidden state, and the
+    head over k hidden states gives each the bits a one-row pass gives it (the CPU kernels read one weight row
+    per tile whatever rows share the pass)."""
+    model = tiny if dtype == jnp.float32 else nnx.merge(*jax.tree.map(
+        lambda a: a.astype(dtype) if a.dtype == jnp.float32 else a, nnx.split(tiny)))
+    cache = init_cache(model.config, 1, 32, jnp.float32)
+    _, cache = model.extend(jnp.arange(3, 13)[None], jnp.arange(10)[None], cache)
+    step = jax.jit(lambda c, hidden: model.extend(jnp.asarray([[40]]), jnp.asarray([[10]]), c, return_hidden=hidden)[0],
+                   static_argnums=1)
+    h = step(cache, True)
+    np.testing.assert_array_equal(np.asarray(jax.jit(model.logits)(h)), np.asarray(step(cache, False)))
+    hidden = jnp.concatenate([h, 0.5 * h, h[..., ::-1], -h], axis=1)  # [1, 4, D]
+    rows = jax.jit(model.logits)(hidden)
+    for j in range(4):
+        np.testing.assert_array_equal(np.asarray(rows[:, j]), np.asarray(jax.jit(model.logits)(hidden[:, j:j + 1])[:, 0]))
+
+
+def test_vocab_drafts_sample_as_the_target(tiny, tokenizer_270m):
+    """Sampled self-speculative rounds (temperature 1, top-k 3, the sub-vocabulary the tokens the target can
+    pick, so drafts are often kept): the second token, the first drafted one, over 2000 keys is distributed
+    as the target's sum over first tokens p(t1) p(t2 | t1), by chi-square."""
+    s = Sampler(tiny, tokenizer_270m, max_len=64, prefill_chunk=16)
+    prompt = [2, 7, 9, 11, 7, 9]
+    params = SamplingParams(1.0, 3, None)
+    logits, cache = s.prefill([prompt], s.new_cache(1, 16))
+    p1 = np.asarray(speculative.target_probs(logits, params)[0], np.float64)
+    p2, picks = np.zeros_like(p1), set(np.flatnonzero(p1 > 0))
+    for t1 in np.flatnonzero(p1 > 0):
+        nxt, _ = tiny.extend(jnp.asarray([[t1]]), jnp.asarray([[len(prompt)]]), jax.tree.map(jnp.copy, cache))
+        q = np.asarray(speculative.target_probs(nxt[:, 0], params)[0], np.float64)
+        p2 += p1[t1] * q
+        picks |= set(np.flatnonzero(q > 0))
+    vocab = speculative.vocab_ids_of(sorted(picks), C.VOCAB_SIZE)
+    table = speculative._vocab_table(s._model_key, s._leaves, vocab)
+    history = jnp.zeros(16, jnp.int32).at[:len(prompt)].set(jnp.asarray(prompt))
+
+    def run(leaves, table, cache, logits, key):  # the loop generate runs after its prefill, two tokens
+        return speculative._vocab_loop(s._model_key, leaves, table, vocab, cache, logits, history, key, params, 3,
+                                       16, jnp.int32(len(prompt)), jnp.asarray(s.stop_ids, jnp.int32), jnp.int32(2))
+
+    batched = jax.jit(jax.vmap(run, (None, None, None, None, 0)))  # 100 keys a call: [100, 3, 262144] logits
+    keys = jax.random.split(jax.random.key(0), 2000).reshape(20, 100)
+    out, n, st = (np.concatenate(x) for x in zip(*(batched(s._leaves, table, cache, logits, k) for k in keys)))
+    second = out[:, len(prompt) + 1]
+    assert (n == 2).all() and 0.2 < st[:, 2].mean() < 0.95  # drafts kept, not always
+    support = np.flatnonzero(p2 > 0)
+    assert set(np.unique(second)) <= set(support)
+    counts = np.asarray([(second == t).sum() for t in support])
+    assert stats.chisquare(counts, p2[support] / p2.sum() * len(second)).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(draft="ngram"), "draft must be 'lookup' or 'vocab', got 'ngram'"),
+    (dict(draft="vocab", draft_len=(3, 1, 1)), r"draft='vocab' takes draft_len as one int in \[1, 8\), got \(3, 1, 1\)"),
+    (dict(draft="vocab", draft_len=8), r"one int in \[1, 8\), got 8"),
+    (dict(draft="vocab", vocab=0), "vocab must be a positive number of ids or a list of ids, got 0"),
+    (dict(draft="vocab", vocab=[5, 262144]), r"token ids in \[0, 262144\), got \[5, 262144\]"),
+    (dict(draft="vocab", vocab=[]), "non-empty list")])
+def test_bad_vocab_drafts_are_named(tiny, tokenizer_270m, kwargs, match):
+    s = Sampler(tiny, tokenizer_270m, max_len=128, prefill_chunk=16)
+    with pytest.raises(ValueError, match=match):
+        speculative.generate(s, [2, 5, 6, 5, 6], max_new_tokens=4, **kwargs)
+
+
 def test_rejection_sampling_is_distributed_as_the_target(tiny):
     """Verify logits of the tiny model (top-k 6 at temperature 1, so six cells carry all mass), a draft of
     the target's likeliest then an unlikely token: 40,000 draws of the first emitted token match p_0, the
@@ -116,14 +201,17 @@ NPZ = dict(np.load(FIXTURES / "gemma3_270m" / "reference.npz"))
 
 
 def test_greedy_equals_the_target_alone_270m(model_270m, tokenizer_270m):
-    """The parity prompts (test_real_270m), 32 tokens each: speculative ids equal Sampler.generate's."""
+    """The parity prompts (test_real_270m), 32 tokens each: speculative ids (both drafts) equal Sampler.generate's."""
     s = Sampler(model_270m, tokenizer_270m, max_len=8192)
-    drafted = accepted = 0
+    drafted = accepted = vocab_drafted = vocab_accepted = 0
     for i, p in enumerate(REF["prompts"]):
         ids = NPZ[f"p{i}_ids"].tolist()
         want = s.generate(ids, max_new_tokens=32).tokens
         got, st = speculative.generate(s, ids, max_new_tokens=32)
         assert got == want, p["name"]
         drafted, accepted = drafted + st.drafted, accepted + st.accepted
-    assert accepted > 0
-    print(f"acceptance {accepted}/{drafted}")
+        got, st = speculative.generate(s, ids, max_new_tokens=32, draft="vocab")
+        assert got == want, (p["name"], "vocab")
+        vocab_drafted, vocab_accepted = vocab_drafted + st.drafted, vocab_accepted + st.accepted
+    assert accepted > 0 and vocab_accepted > 0
+    print(f"acceptance: lookup {accepted}/{drafted}, vocab {vocab_accepted}/{vocab_drafted}")
