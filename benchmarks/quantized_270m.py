@@ -6,7 +6,7 @@ llama-cpp-python on the Q4_K_M file and HF transformers f32.
 
 Each of ours runs in its own subprocess (peak RSS is per variant). int8: groups of 32 over the dequantized
 GGUF; int4: the GGUF as the file holds it (Q4_K as int4, the rest int8, the Q8_0 head 8-bit).
-Speculative (both draft methods, gemma.speculative): greedy on the parity prompts (tests/fixtures/gemma3_270m),
+Speculative (each draft method, gemma.speculative): greedy on the parity prompts (tests/fixtures/gemma3_270m),
 ids checked identical to plain greedy; tok/s over the new tokens with the prefill timed apart and subtracted,
 the least of two interleaved runs of each.
 Floors: bytes read per decoded token / the XLA f32 matrix-vector bandwidth measured in the same run
@@ -29,7 +29,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
 BANDWIDTH = 20e9  # bytes/s on both cores (DESIGN.md: two-thread AVX-512 read loop)
 NEW = 64
-DRAFTS = ("lookup", "vocab")  # gemma.speculative's draft methods, each at its defaults
+DRAFTS = ("lookup", "vocab", "hybrid")  # gemma.speculative.DRAFTS, each at its defaults
 REF = os.path.join(ROOT, "tests", "fixtures")
 
 
@@ -212,7 +212,9 @@ def main():
                               f"{speculative.MIN_NGRAM}; lookup {spec['lookup_draft_ms']:.2f} ms a pass",
                     "vocab": f"self-speculative, {speculative.VOCAB_DRAFT_LEN} body steps a round, the first "
                              f"{speculative.VOCAB} ids + the last {speculative.CONTEXT} context tokens; its head "
-                             f"{spec['vocab_draft_ms']:.2f} ms a step"}
+                             f"{spec['vocab_draft_ms']:.2f} ms a step",
+                    "hybrid": f"vocab rounds; after a recurring {speculative.MAX_NGRAM}-gram a lookup pass of "
+                              f"{speculative.HYBRID_LOOKUP} tokens"}
         print("\n| draft | tok/s | vs plain int4 | vs llama.cpp on the prompts | ids identical | acceptance | "
               "tokens a pass | setting |\n|---|---|---|---|---|---|---|---|")
         for d, r in spec["spec"].items():

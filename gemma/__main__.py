@@ -77,10 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", parents=[common], formatter_class=_HelpFormatter,
                          help="continue a prompt, streaming the text", description="Continue PROMPT.")
     gen.add_argument("prompt", help="the text to continue")
-    gen.add_argument("--speculative", default=None, choices=["lookup", "vocab"],
+    gen.add_argument("--speculative", default=None, choices=["lookup", "vocab", "hybrid"],
                      help="speculative decoding (gemma.speculative): drafts copied from the context's n-grams "
-                          "(lookup) or from the model's own sub-vocabulary head (vocab), checked in one pass; "
-                          "the same greedy text, printed when done instead of streamed")
+                          "(lookup), from the model's own sub-vocabulary head (vocab), or both (hybrid: vocab, "
+                          "lookup after a recurring 3-gram), checked in one pass; the same greedy text, printed "
+                          "when done instead of streamed")
     chat = sub.add_parser("chat", parents=[common], formatter_class=_HelpFormatter,
                           help="interactive multi-turn chat (Gemma chat template)",
                           description="Chat through the Gemma 3 chat template.\n\n" + _CHAT_HELP)

@@ -486,8 +486,9 @@ class Sampler:
                              draft_len: int | Sequence[int] | None = None, draft: str = "lookup") -> SamplerOutput:
         """`generate` for one text prompt with speculative decoding (gemma/speculative.py): greedy ids are
         generate's, sampled ids distributed as generate's. `draft`: "lookup" (n-grams copied from the context,
-        checked in one pass) or "vocab" (the model's own body with a sub-vocabulary head drafts, the full head
-        checks). `draft_len`: tokens drafted a pass (None: the method's default)."""
+        checked in one pass), "vocab" (the model's own body with a sub-vocabulary head drafts, the full head
+        checks) or "hybrid" (vocab, but a lookup pass after a recurring 3-gram). `draft_len`: tokens drafted a
+        pass (None: the method's default)."""
         from gemma import speculative
 
         ids, _ = speculative.generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, draft_len,

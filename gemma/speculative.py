@@ -20,6 +20,9 @@ the full head then reads its table once for all k hidden states. The hidden stat
 (the same one-token steps, and the quantized and dense kernels give each row the same bits whatever rows
 share a pass), so the kept tokens are the target's own choices by construction, not within a tolerance;
 what the body computed after the first rejected draft is rolled back as above.
+
+draft="hybrid" runs vocab rounds except after a recurring 3-gram, where the tokens that followed it are
+checked in one lookup pass: a copied span costs one pass of the body instead of one step per token.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ from kernels.dense import dense
 DRAFT_LEN, MAX_NGRAM, MIN_NGRAM = (3, 1, 1), 3, 1
 # draft="vocab": body steps a round, the sub-vocabulary (the first that many ids), context tokens also drafted from
 VOCAB_DRAFT_LEN, VOCAB, CONTEXT = 3, 8192, 2048
+# draft="hybrid": tokens looked up after a recurring max_ngram-gram, checked in one pass instead of a vocab round
+HYBRID_LOOKUP = 3
+DRAFTS = ("lookup", "vocab", "hybrid")
 
 
 def lookup(history: jax.Array, count: jax.Array, draft_len: int, max_ngram: int = 3,
@@ -160,6 +166,19 @@ def _rounds(logits, cache, history, count, key, params, stop_ids, max_new, round
     return history, count - prompt_len, stats
 
 
+def _lookup_pass(model, cache, history, start, draft, m, key, params):
+    """The target over [history[start], draft[:m]] in one pass of len(draft) + 1 rows (the rest padding):
+    (cache rolled back to the kept tokens, n kept, the next token)."""
+    length = draft.shape[0]
+    offsets = jnp.arange(length + 1, dtype=jnp.int32)
+    positions = jnp.where(offsets <= m, start + offsets, -1)[None]
+    tokens = jnp.concatenate([history[start][None], draft])[None]
+    snapshot = ring_snapshot(cache, positions)
+    logits, cache = model.extend(jnp.where(positions >= 0, tokens, 0), positions, cache, last_only=False)
+    n, nxt = choose(logits[0], draft, m, key, params)
+    return rollback(cache, snapshot, positions, (start + 1 + n)[None]), n, nxt
+
+
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
 def _loop(model_key, leaves, cache, logits, history, count, key, params, draft_lens, max_ngram, min_ngram, stop_ids,
           max_new):
@@ -176,15 +195,8 @@ def _loop(model_key, leaves, cache, logits, history, count, key, params, draft_l
         start = count - 1
 
         def verify(length, cache):  # a pass of length + 1 rows over [newest, draft[:length]]
-            d = draft[:length]
             m_ = jnp.minimum(m, length)
-            offsets = jnp.arange(length + 1, dtype=jnp.int32)
-            positions = jnp.where(offsets <= m_, start + offsets, -1)[None]
-            tokens = jnp.concatenate([history[start][None], d])[None]
-            snapshot = ring_snapshot(cache, positions)
-            logits, cache = model.extend(jnp.where(positions >= 0, tokens, 0), positions, cache, last_only=False)
-            n, nxt = choose(logits[0], d, m_, key, params)
-            return rollback(cache, snapshot, positions, (start + 1 + n)[None]), n, nxt, m_
+            return *_lookup_pass(model, cache, history, start, draft[:length], m_, key, params), m_
 
         def step(cache):  # no draft: a plain one-token decode step
             logits, cache = model.extend(history[start][None, None], start[None, None], cache)
@@ -209,32 +221,55 @@ def _vocab_draft(model, table, vocab_ids, h, history, upto, context: int):
     return jnp.where(static[i] >= seen[j], vocab_ids[i], ids[j]).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10))
-def _vocab_loop(model_key, leaves, table, vocab_ids, cache, logits, history, key, params, k, context, count,
-                stop_ids, max_new):
-    """`_rounds` of self-speculation: k one-token steps of the body, each drafting the next input from the
+def _vocab_round(model, table, vocab_ids, context: int, k: int, cache, history, count, key, params):
+    """k one-token steps of the body from history[count - 1], each drafting the next input from the
     sub-vocabulary head, then the full head over the k hidden states in one pass; the draft prefix the
-    target's choice confirms is kept (the body's later steps rolled back)."""
+    target's choice confirms is kept (the body's later steps rolled back). Returns what a round_fn does."""
+    start = count - 1
+    positions = (start + jnp.arange(k, dtype=jnp.int32))[None]
+    snapshot = ring_snapshot(cache, positions)
+
+    def row(j, carry):  # the body on history[start + j]; its draft becomes history[start + j + 1]
+        cache, history, hidden = carry
+        h, cache = model.extend(history[start + j][None, None], (start + j)[None, None], cache, return_hidden=True)
+        draft = jax.lax.cond(j < k - 1, lambda: _vocab_draft(model, table, vocab_ids, h, history, start + j + 1,
+                                                              context), lambda: jnp.int32(0))
+        return cache, history.at[start + j + 1].set(draft), hidden.at[j].set(h[0, 0])
+
+    hidden = jnp.zeros((k, model.config.d_model), model.dtype)
+    cache, history, hidden = jax.lax.fori_loop(0, k, row, (cache, history, hidden))
+    draft = jax.lax.dynamic_slice(history, (count,), (k - 1,))
+    n, nxt = choose(model.logits(hidden[None])[0], draft, jnp.int32(k - 1), key, params)
+    return rollback(cache, snapshot, positions, (start + 1 + n)[None]), history, draft, n, nxt, jnp.int32(k - 1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10, 11, 12))
+def _vocab_loop(model_key, leaves, table, vocab_ids, cache, logits, history, key, params, k, context, shortcut,
+                max_ngram, count, stop_ids, max_new):
+    """`_rounds` of self-speculation (_vocab_round); with `shortcut` L > 0, a round after a recurring
+    max_ngram-gram is a lookup pass of the L tokens that followed it instead ("hybrid")."""
     model = model_key.merge(leaves)
+    width = max(k - 1, shortcut)
+
+    def pad(draft):
+        return jnp.zeros((width,), jnp.int32).at[:draft.shape[0]].set(draft)
+
+    def vocab_round(cache, history, count, key):
+        cache, history, draft, n, nxt, m = _vocab_round(model, table, vocab_ids, context, k, cache, history, count,
+                                                        key, params)
+        return cache, history, pad(draft), n, nxt, m
+
+    if not shortcut:
+        return _rounds(logits, cache, history, count, key, params, stop_ids, max_new, vocab_round)
 
     def round_fn(cache, history, count, key):
-        start = count - 1
-        positions = (start + jnp.arange(k, dtype=jnp.int32))[None]
-        snapshot = ring_snapshot(cache, positions)
+        draft, m, matched = lookup(history, count, shortcut, max_ngram, max_ngram)
 
-        def row(j, carry):  # the body on history[start + j]; its draft becomes history[start + j + 1]
-            cache, history, hidden = carry
-            h, cache = model.extend(history[start + j][None, None], (start + j)[None, None], cache,
-                                    return_hidden=True)
-            draft = jax.lax.cond(j < k - 1, lambda: _vocab_draft(model, table, vocab_ids, h, history,
-                                                                  start + j + 1, context), lambda: jnp.int32(0))
-            return cache, history.at[start + j + 1].set(draft), hidden.at[j].set(h[0, 0])
+        def look(cache):
+            cache, n, nxt = _lookup_pass(model, cache, history, count - 1, draft, m, key, params)
+            return cache, history, pad(draft), n, nxt, m
 
-        hidden = jnp.zeros((k, model.config.d_model), model.dtype)
-        cache, history, hidden = jax.lax.fori_loop(0, k, row, (cache, history, hidden))
-        draft = jax.lax.dynamic_slice(history, (count,), (k - 1,))
-        n, nxt = choose(model.logits(hidden[None])[0], draft, jnp.int32(k - 1), key, params)
-        return rollback(cache, snapshot, positions, (start + 1 + n)[None]), history, draft, n, nxt, jnp.int32(k - 1)
+        return jax.lax.cond(matched > 0, look, lambda cache: vocab_round(cache, history, count, key), cache)
 
     return _rounds(logits, cache, history, count, key, params, stop_ids, max_new, round_fn)
 
@@ -266,18 +301,22 @@ def generate(sampler, prompt: str | Sequence[int], max_new_tokens: int = 64, tem
     pass with none is a plain one-token step. draft="vocab": self-speculative, each round `draft_len`
     (default VOCAB_DRAFT_LEN) one-token steps of the body, each fed the likeliest token of a sub-vocabulary
     head (`vocab`: the first that many ids, or the ids themselves, plus the last CONTEXT tokens of the
-    context), then the full head over those steps' hidden states in one pass."""
-    if draft not in ("lookup", "vocab"):
-        raise ValueError(f"draft must be 'lookup' or 'vocab', got {draft!r}")
+    context), then the full head over those steps' hidden states in one pass. draft="hybrid": vocab rounds,
+    but after a recurring max_ngram-gram a lookup pass of the HYBRID_LOOKUP tokens that followed it."""
+    if draft not in DRAFTS:
+        raise ValueError(f"draft must be one of {', '.join(map(repr, DRAFTS))}, got {draft!r}")
     params = SamplingParams(temperature, top_k, top_p)
     window = sampler.config.sliding_window
+    shortcut = HYBRID_LOOKUP if draft == "hybrid" else 0
     if draft == "lookup":
         lens = draft_lengths(DRAFT_LEN if draft_len is None else draft_len, max_ngram, min_ngram, window)
     else:
         k = VOCAB_DRAFT_LEN if draft_len is None else draft_len
         if not (isinstance(k, int) and 1 <= k < window):
-            raise ValueError(f"draft='vocab' takes draft_len as one int in [1, {window}), got {draft_len!r}")
-        lens = (k,)
+            raise ValueError(f"draft={draft!r} takes draft_len as one int in [1, {window}), got {draft_len!r}")
+        if not (isinstance(max_ngram, int) and max_ngram >= 1):
+            raise ValueError(f"max_ngram must be an int >= 1, got {max_ngram!r}")
+        lens = (k, shortcut + 1)
         vocab_ids = vocab_ids_of(vocab, min(sampler.config.vocab_size, VOCAB_SIZE))
     k = max(lens)
     row = sampler.encode_prompt(prompt)
@@ -295,9 +334,9 @@ def generate(sampler, prompt: str | Sequence[int], max_new_tokens: int = 64, tem
     else:
         table = _vocab_table(sampler._model_key, sampler._leaves, vocab_ids)
         history, n, stats = _vocab_loop(sampler._model_key, sampler._leaves, table, vocab_ids, cache, logits,
-                                        jnp.asarray(history), jax.random.key(seed), params, k,
-                                        min(CONTEXT, len(history)), jnp.int32(len(row)), stop_ids,
-                                        jnp.int32(max_new_tokens))
+                                        jnp.asarray(history), jax.random.key(seed), params, lens[0],
+                                        min(CONTEXT, len(history)), shortcut, max_ngram, jnp.int32(len(row)),
+                                        stop_ids, jnp.int32(max_new_tokens))
     out = np.asarray(history)[len(row):len(row) + int(n)].tolist()
     if out and out[-1] in sampler.stop_ids:
         out.pop()

@@ -123,12 +123,12 @@ def test_missing_model_is_one_line():
 
 
 def test_quantized_speculative_generate_prints_the_plain_text():
-    """--quantize int4 --speculative (both drafts) prints the text plain int4 streams, greedy; -v says
+    """--quantize int4 --speculative (each draft) prints the text plain int4 streams, greedy; -v says
     how many drafted tokens were kept."""
     args = ("generate", PROMPT, "--max-new-tokens", "24", "--quantize", "int4")
     plain = run(*args)
     assert plain.returncode == 0, plain.stderr
-    for draft in ("lookup", "vocab"):
+    for draft in ("lookup", "vocab", "hybrid"):
         out = run(*args, "--speculative", draft, "-v")
         assert out.returncode == 0, out.stderr
         assert out.stdout == plain.stdout and len(out.stdout) > len(PROMPT) + 20

@@ -96,6 +96,10 @@ def test_vocab_drafts_greedy_equal_the_target_alone_tiny(tiny, tokenizer_270m, c
         assert st.drafted == (draft_len - 1) * st.steps
     got, st = speculative.generate(s, prompt, max_new_tokens=48, draft="vocab", draft_len=1, vocab=8)
     assert got == want and (st.steps, st.drafted) == (len(want) - 1, 0)  # one body step a round: plain decode
+    got, st = speculative.generate(s, prompt, max_new_tokens=48, draft="hybrid", vocab=64)
+    assert got == want and st.drafted > st.accepted > 0
+    assert st.drafted != 2 * st.steps  # some rounds were lookup passes (up to 3 drafted; a vocab round drafts 2)
+    assert s.generate_speculative(prompt, max_new_tokens=48, draft="hybrid").tokens == want
     assert s.generate_speculative(prompt, max_new_tokens=48, draft="vocab").tokens == want
     stop = s.generate(prompt, max_new_tokens=48, stop=[tokenizer_270m.decode(want[5:7])])
     assert s.generate_speculative(prompt, max_new_tokens=48, draft="vocab", stop=[tokenizer_270m.decode(want[5:7])]) == stop
@@ -141,7 +145,8 @@ def test_vocab_drafts_sample_as_the_target(tiny, tokenizer_270m):
 
     def run(leaves, table, cache, logits, key):  # the loop generate runs after its prefill, two tokens
         return speculative._vocab_loop(s._model_key, leaves, table, vocab, cache, logits, history, key, params, 3,
-                                       16, jnp.int32(len(prompt)), jnp.asarray(s.stop_ids, jnp.int32), jnp.int32(2))
+                                       16, 0, 3, jnp.int32(len(prompt)), jnp.asarray(s.stop_ids, jnp.int32),
+                                       jnp.int32(2))
 
     batched = jax.jit(jax.vmap(run, (None, None, None, None, 0)))  # 100 keys a call: [100, 3, 262144] logits
     keys = jax.random.split(jax.random.key(0), 2000).reshape(20, 100)
@@ -154,8 +159,41 @@ def test_vocab_drafts_sample_as_the_target(tiny, tokenizer_270m):
     assert stats.chisquare(counts, p2[support] / p2.sum() * len(second)).pvalue > 1e-3
 
 
+def test_hybrid_lookup_passes_sample_as_the_target(tiny, tokenizer_270m):
+    """draft="hybrid" after a recurring 3-gram: the first token pinned to T (prefill logits of one token), so
+    (9, 11, T) recurs and the round is a lookup pass of the 3 tokens that followed it; over 1000 keys the second
+    token is distributed as the target's p(t2 | T), by chi-square (top-k 3, temperature 1)."""
+    s = Sampler(tiny, tokenizer_270m, max_len=64, prefill_chunk=16)
+    T, prompt = 7, [2, 9, 11, 7, 40, 41, 42, 9, 11]
+    params = SamplingParams(1.0, 3, None)
+    real, cache = s.prefill([prompt], s.new_cache(1, 16))
+    logits = jnp.full_like(real, -1e9).at[:, T].set(0.0)
+    nxt, _ = tiny.extend(jnp.asarray([[T]]), jnp.asarray([[len(prompt)]]), jax.tree.map(jnp.copy, cache))
+    p2 = np.asarray(speculative.target_probs(nxt[:, 0], params)[0], np.float64)
+    vocab = speculative.vocab_ids_of(64, C.VOCAB_SIZE)
+    table = speculative._vocab_table(s._model_key, s._leaves, vocab)
+    history = jnp.zeros(20, jnp.int32).at[:len(prompt)].set(jnp.asarray(prompt))
+
+    def run(leaves, table, cache, logits, key):
+        return speculative._vocab_loop(s._model_key, leaves, table, vocab, cache, logits, history, key, params, 3,
+                                       16, speculative.HYBRID_LOOKUP, 3, jnp.int32(len(prompt)),
+                                       jnp.asarray(s.stop_ids, jnp.int32), jnp.int32(2))
+
+    batched = jax.jit(jax.vmap(run, (None, None, None, None, 0)))  # 50 keys a call: [50, 4, 262144] logits
+    keys = jax.random.split(jax.random.key(1), 1000).reshape(20, 50)
+    out, n, st = (np.concatenate(x) for x in zip(*(batched(s._leaves, table, cache, logits, k) for k in keys)))
+    assert (n == 2).all() and (out[:, len(prompt)] == T).all()
+    assert (st[:, 1] == 3).all()  # every round drafted the looked-up [40, 41, 42]
+    second = out[:, len(prompt) + 1]
+    support = np.flatnonzero(p2 > 0)
+    assert set(np.unique(second)) <= set(support)
+    counts = np.asarray([(second == t).sum() for t in support])
+    assert stats.chisquare(counts, p2[support] / p2.sum() * len(second)).pvalue > 1e-3
+
+
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(draft="ngram"), "draft must be 'lookup' or 'vocab', got 'ngram'"),
+    (dict(draft="ngram"), "draft must be one of 'lookup', 'vocab', 'hybrid', got 'ngram'"),
+    (dict(draft="hybrid", draft_len=(3, 1)), r"draft='hybrid' takes draft_len as one int in \[1, 8\), got \(3, 1\)"),
     (dict(draft="vocab", draft_len=(3, 1, 1)), r"draft='vocab' takes draft_len as one int in \[1, 8\), got \(3, 1, 1\)"),
     (dict(draft="vocab", draft_len=8), r"one int in \[1, 8\), got 8"),
     (dict(draft="vocab", vocab=0), "vocab must be a positive number of ids or a list of ids, got 0"),
@@ -201,7 +239,7 @@ NPZ = dict(np.load(FIXTURES / "gemma3_270m" / "reference.npz"))
 
 
 def test_greedy_equals_the_target_alone_270m(model_270m, tokenizer_270m):
-    """The parity prompts (test_real_270m), 32 tokens each: speculative ids (both drafts) equal Sampler.generate's."""
+    """The parity prompts (test_real_270m), 32 tokens each: speculative ids (every draft) equal Sampler.generate's."""
     s = Sampler(model_270m, tokenizer_270m, max_len=8192)
     drafted = accepted = vocab_drafted = vocab_accepted = 0
     for i, p in enumerate(REF["prompts"]):
@@ -213,5 +251,6 @@ def test_greedy_equals_the_target_alone_270m(model_270m, tokenizer_270m):
         got, st = speculative.generate(s, ids, max_new_tokens=32, draft="vocab")
         assert got == want, (p["name"], "vocab")
         vocab_drafted, vocab_accepted = vocab_drafted + st.drafted, vocab_accepted + st.accepted
+        assert speculative.generate(s, ids, max_new_tokens=32, draft="hybrid")[0] == want, (p["name"], "hybrid")
     assert accepted > 0 and vocab_accepted > 0
     print(f"acceptance: lookup {accepted}/{drafted}, vocab {vocab_accepted}/{vocab_drafted}")
